@@ -1,0 +1,132 @@
+"""Checkpoints: atomic save, validated load, RNG state.
+
+A checkpoint is one plain dict that `torch.load(path, weights_only=True)` reads:
+model, optimizer, scheduler, scaler, epoch (completed epochs), best_val_acc, best_epoch,
+early-stopping counter, the metrics history, the partial epoch (after a signal), RNG states,
+class names, and the config as a plain dict (the architecture is rebuilt from it on load).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cifar_cam.errors import CheckpointError
+
+FORMAT = "cifar-cam/1"
+REQUIRED_KEYS = ("format", "model", "config", "epoch", "classes")
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
+    """Writes `payload` to `path` atomically: temp file in the same dir, fsync, os.replace, fsync dir.
+
+    A kill at any instant leaves either the old file or the new one, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format": FORMAT, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def resolve_checkpoint(ckpt: str | Path, prefer: str = "best") -> Path:
+    """A checkpoint file, or a run dir (then its checkpoints/<prefer>.pt). Raises CheckpointError."""
+    path = Path(ckpt).expanduser()
+    if path.is_dir():
+        candidate = path / "checkpoints" / f"{prefer}.pt"
+        if candidate.is_file():
+            return candidate
+        if (path / f"{prefer}.pt").is_file():  # the checkpoints/ folder itself
+            return path / f"{prefer}.pt"
+        raise CheckpointError(f"ckpt={ckpt} is a directory without checkpoints/{prefer}.pt; "
+                              "pass a train run dir or a .pt file")
+    if not path.is_file():
+        raise CheckpointError(f"ckpt={ckpt} does not exist; pass a train run dir or a .pt file")
+    return path
+
+
+def load_checkpoint(ckpt: str | Path, prefer: str = "best") -> dict[str, Any]:
+    """Loads and validates a cifar-cam checkpoint on the CPU (weights_only: no code runs)."""
+    path = resolve_checkpoint(ckpt, prefer)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"ckpt={path} is not a readable checkpoint (truncated or not a torch file: "
+                              f"{type(e).__name__})") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"ckpt={path} is not a cifar-cam checkpoint (no '{FORMAT}' format tag)")
+    missing = [k for k in REQUIRED_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"ckpt={path} is missing {missing}; it was not written by cifar-cam train")
+    payload["path"] = str(path)
+    return payload
+
+
+def run_dir_of(checkpoint_path: str | Path) -> Path:
+    """The train run dir a checkpoint lives in (<run>/checkpoints/x.pt -> <run>)."""
+    path = Path(checkpoint_path).resolve()
+    return path.parent.parent if path.parent.name == "checkpoints" else path.parent
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and CUDA RNG states as tensors and plain types (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[0],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores what rng_state() captured."""
+    random.setstate((state["python_pos"], tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def model_from_checkpoint(payload: dict[str, Any]) -> torch.nn.Module:
+    """Rebuilds the architecture from the checkpoint's own config (not the current flags) and loads it."""
+    from cifar_cam.models import build_model
+
+    model_cfg = payload["config"].get("model", {})
+    name, width, num_classes = model_cfg.get("name", "resnet18"), model_cfg.get("width", 64), len(payload["classes"])
+    try:
+        model = build_model(name, num_classes=num_classes, width=width)
+        model.load_state_dict(payload["model"])
+    except (ValueError, RuntimeError, KeyError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"ckpt={payload.get('path')}: weights do not fit {name} width {width} with "
+                              f"{num_classes} classes ({first})") from e
+    return model
+
+
+def load_model(ckpt: str | Path) -> torch.nn.Module:
+    """A trained model from a run dir or .pt file, in eval mode on the CPU (for notebooks and scripts)."""
+    model = model_from_checkpoint(load_checkpoint(ckpt))
+    return model.eval()

@@ -1,0 +1,262 @@
+"""`cifar-cam <command> [overrides] [-m]`: argv[1] picks the command, the rest goes to Hydra.
+
+Before Hydra starts, the CLI composes the config once to refuse bad input in one line
+(exit 2) and reserves a fresh run directory, so runs started in the same second never share one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import itertools
+import logging
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+from cifar_cam.errors import CifarCamError, ConfigError
+
+log = logging.getLogger("cifar_cam")
+
+# command -> (main config name, "module:function", one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "lr-find": ("lr_find", "cifar_cam.tasks.lr_find:lr_find", "LR range test (torch-lr-finder): plot + suggested LR"),
+    "train": ("train", "cifar_cam.tasks.train:train", "train; checkpoint every epoch; test the best model"),
+    "eval": ("eval", "cifar_cam.tasks.eval:eval_", "evaluate ckpt=PATH: accuracy, per class, confusion matrix"),
+    "gradcam": ("gradcam", "cifar_cam.tasks.gradcam:gradcam", "Grad-CAM heatmaps of misclassified test images"),
+}
+# Hydra flags that take a value (the value is not an override).
+VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
+INFO_FLAGS = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
+              "--resolve"}
+INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+USAGE = """usage: cifar-cam <command> [key=value ...] [-m|--multirun] [--cfg job] [--help]
+
+commands:
+{commands}
+
+examples:
+  cifar-cam train                                   ResNet18 on CIFAR-10 with the defaults
+  cifar-cam train data=synthetic trainer.epochs=2   a one-minute smoke run on CPU
+  cifar-cam train -m optimizer.lr=0.01,0.05 seed=1,2   a sweep (multirun/train/<time>/<job>/)
+  cifar-cam eval ckpt=outputs/train/<run>           test accuracy of a run's best checkpoint
+  cifar-cam train --help                            every config group and key of a command
+
+Runs write to outputs/<command>/<YYYY-MM-DD_HH-MM-SS>/; configs live in {conf}."""
+
+
+def config_dir() -> str:
+    """The conf/ directory: packaged beside the code in a wheel, the repo's conf/ in a checkout."""
+    spec = importlib.util.find_spec("cifar_cam.conf")
+    if spec is not None and spec.submodule_search_locations:
+        return str(Path(list(spec.submodule_search_locations)[0]).resolve())
+    return str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def fail(command: str | None, message: str, code: int = 2) -> NoReturn:
+    """One line on stderr, then exit."""
+    prefix = f"cifar-cam {command}" if command else "cifar-cam"
+    print(f"{prefix}: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def split_args(args: list[str]) -> tuple[list[str], set[str]]:
+    """Separates overrides (key=value) from Hydra's flags."""
+    overrides, flags = [], set()
+    it = iter(range(len(args)))
+    for i in it:
+        arg = args[i]
+        if arg.startswith("-"):
+            flags.add(arg.split("=", 1)[0])
+            if "=" not in arg and (arg in VALUE_FLAGS or (arg in ("--info", "-i") and i + 1 < len(args)
+                                                         and args[i + 1] in INFO_VALUES)):
+                next(it, None)
+        else:
+            overrides.append(arg)
+    return overrides, flags
+
+
+def _first_of_sweeps(overrides: list[str]) -> list[str]:
+    """One job's overrides out of a sweep (its first value of each swept key), for the pre-check."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    single = []
+    for o in parsed:
+        if o.is_sweep_override():
+            try:
+                value = next(iter(o.sweep_string_iterator()))
+            except Exception:  # interval() sweeps (Optuna) cannot be enumerated: check the rest
+                continue
+            single.append(f"{o.get_key_element()}={value}")
+        else:
+            single.append(o.input_line)
+    return single
+
+
+def _all_keys(cfg: Any, prefix: str = "") -> list[str]:
+    from omegaconf import OmegaConf
+
+    keys = []
+    for k in cfg.keys() if OmegaConf.is_dict(cfg) else []:
+        full = f"{prefix}{k}"
+        keys.append(full)
+        try:
+            keys += _all_keys(cfg[k], full + ".")
+        except Exception:
+            pass
+    return keys
+
+
+def explain_hydra_error(e: Exception, config_name: str, overrides: list[str]) -> str:
+    """Turns Hydra's multi-line composition errors into one actionable line."""
+    import re
+
+    text = str(e)
+    m = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
+    if m:
+        key = m.group(1)
+        hint = ""
+        try:
+            from hydra import compose, initialize_config_dir
+
+            with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+                cfg = compose(config_name)
+            close = difflib.get_close_matches(key, _all_keys(cfg), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+        except Exception:
+            pass
+        return f"unknown config key '{key}'{hint} (to add a new key on purpose: +{key}=...)"
+    m = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    if m:
+        group, choice = m.group(1), m.group(2)
+        options = sorted(p.stem for p in (Path(config_dir()) / group).glob("*.yaml"))
+        if options:
+            return f"unknown choice {group}={choice}; choose one of: {', '.join(options)}"
+        return f"unknown config group '{group}' (in {group}={choice})"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
+    return f"bad override ({first})"
+
+
+def precheck(command: str, overrides: list[str]) -> Any:
+    """Composes the config as Hydra will and validates it; one line and exit 2 on any problem."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from cifar_cam.config import validate
+    from cifar_cam.data import check_root
+
+    config_name = COMMANDS[command][0]
+    try:
+        single = _first_of_sweeps(overrides)
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name=command):
+            cfg = compose(config_name, overrides=single)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        fail(command, explain_hydra_error(e, config_name, overrides))
+    try:
+        validate(cfg, command)
+        if cfg.data.source == "folder":
+            check_root(cfg.data.root)
+        if cfg.get("ckpt"):
+            from cifar_cam.checkpoint import resolve_checkpoint
+
+            resolve_checkpoint(cfg.ckpt, prefer="last" if command == "train" else "best")
+    except CifarCamError as e:
+        fail(command, str(e), e.exit_code)
+    return cfg
+
+
+def reserve_dir(base: Path) -> Path:
+    """Creates and returns base/<timestamp>[_N]: mkdir is atomic, so concurrent runs never share one."""
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    for i in itertools.count():
+        path = base / (stamp if i == 0 else f"{stamp}_{i}")
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def _quote(path: Path | str) -> str:
+    text = str(path)
+    return text if all(c.isalnum() or c in "/._-:" for c in text) else "'" + text.replace("'", "\\'") + "'"
+
+
+def task_entry(command: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Wraps a task: errors become one line + exit code (or a failed job inside a sweep)."""
+
+    def task(cfg: Any) -> Any:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+        try:
+            return fn(cfg)
+        except CifarCamError as e:
+            log.error("%s", e, extra={"file_only": True})
+            if multirun:
+                raise
+            fail(command, str(e), e.exit_code)
+        except KeyboardInterrupt:
+            log.error("interrupted", extra={"file_only": True})
+            fail(command, "interrupted", 130)
+
+    return task
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `cifar-cam` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    listing = "\n".join(f"  {name:<9} {text}" for name, (_, _, text) in COMMANDS.items())
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE.format(commands=listing, conf=config_dir()))
+        sys.exit(0 if args else 2)
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        fail(None, f"unknown command '{command}'" + (f" (did you mean {close[0]}?)" if close else "")
+             + f"; commands: {', '.join(COMMANDS)}")
+    config_name, target, _ = COMMANDS[command]
+    module_name, fn_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        fail(command, "not yet implemented in this version")
+    fn = getattr(module, fn_name)
+
+    overrides, flags = split_args(rest)
+    extra: list[str] = []
+    if not flags & INFO_FLAGS:
+        cfg = precheck(command, overrides)
+        multirun = bool(flags & {"-m", "--multirun"})
+        keys = {o.split("=", 1)[0] for o in overrides}
+        if multirun and "hydra.sweep.dir" not in keys:
+            extra.append(f"hydra.sweep.dir={_quote(reserve_dir(Path('multirun') / command))}")
+        elif not multirun and "hydra.run.dir" not in keys:
+            if command == "train" and cfg.get("ckpt"):
+                from cifar_cam.checkpoint import resolve_checkpoint, run_dir_of
+
+                # Resume continues in the run dir it came from; its original .hydra/ stays untouched.
+                run_dir = run_dir_of(resolve_checkpoint(cfg.ckpt, prefer="last"))
+                stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+                extra += [f"hydra.run.dir={_quote(run_dir)}", f"hydra.output_subdir=.hydra/resume-{stamp}"]
+            else:
+                extra.append(f"hydra.run.dir={_quote(reserve_dir(Path('outputs') / command))}")
+
+    import hydra
+
+    sys.argv = [f"cifar-cam {command}", *rest, *extra]
+    hydra.main(config_path=config_dir(), config_name=config_name, version_base="1.3")(task_entry(command, fn))()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Config checks that run before any work starts, and merging a checkpoint's config with overrides.
+
+Every check raises ConfigError with the key, the bad value and what would be valid; the CLI
+prints it as one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cifar_cam.errors import ConfigError
+
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CAM_METHODS = ("gradcam", "gradcam++")
+CAM_SELECT = ("most_confident", "first", "random")
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    try:
+        return OmegaConf.select(cfg, key, throw_on_missing=True)
+    except Exception as e:  # MissingMandatoryValue, interpolation errors
+        raise ConfigError(f"{key} is required but not set: pass {key}=... ({type(e).__name__})") from e
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check(cfg: DictConfig, key: str, ok: Callable[[Any], bool], want: str, optional: bool = False) -> None:
+    value = _get(cfg, key)
+    if value is None and optional:
+        return
+    if not ok(value):
+        raise ConfigError(f"{key} must be {want}, got {value!r}")
+
+
+def _int_at_least(low: int) -> Callable[[Any], bool]:
+    return lambda v: _is_int(v) and v >= low
+
+
+def _number_in(low: float, high: float, high_open: bool = False) -> Callable[[Any], bool]:
+    return lambda v: _is_number(v) and low <= v and (v < high if high_open else v <= high)
+
+
+def _choice(choices: Iterable[str]) -> Callable[[Any], bool]:
+    options = tuple(choices)
+    return lambda v: v in options
+
+
+def validate(cfg: DictConfig, command: str) -> None:
+    """Checks every key `command` uses; raises ConfigError naming the first bad one."""
+    from cifar_cam.augment import BACKENDS, PRESETS
+    from cifar_cam.data import SOURCES
+    from cifar_cam.models import MODELS
+
+    c = cfg
+    _check(c, "seed", _is_int, "an integer")
+    _check(c, "data.source", _choice(SOURCES), f"one of {list(SOURCES)}")
+    _check(c, "data.batch_size", _int_at_least(1), "an integer >= 1")
+    _check(c, "data.num_workers", lambda v: v == "auto" or (_is_int(v) and v >= 0), "'auto' or an integer >= 0")
+    _check(c, "data.val_size", _int_at_least(0), "an integer >= 0 (0 = no validation split)")
+    _check(c, "data.subset", _int_at_least(1), "null or an integer >= 1", optional=True)
+    if _get(c, "data.source") == "folder":
+        _check(c, "data.root", lambda v: isinstance(v, str) and v != "", "a folder or .tar.gz path")
+        _check(c, "data.image_size", _int_at_least(8), "an integer >= 8")
+    if _get(c, "data.source") == "synthetic":
+        _check(c, "data.num_classes", _int_at_least(2), "an integer >= 2")
+        _check(c, "data.train_size", _int_at_least(2), "an integer >= 2")
+        _check(c, "data.test_size", _int_at_least(1), "an integer >= 1")
+        _check(c, "data.image_size", _int_at_least(8), "an integer >= 8")
+    _check(c, "model.name", _choice(MODELS), f"one of {sorted(MODELS)}")
+    _check(c, "model.width", _int_at_least(1), "an integer >= 1")
+    _check(c, "aug.preset", _choice(PRESETS), f"one of {list(PRESETS)}")
+    _check(c, "aug.backend", _choice(BACKENDS), f"one of {list(BACKENDS)}")
+    for key, value in (OmegaConf.to_container(c.aug) or {}).items():
+        if key.endswith("_p"):
+            _check(c, f"aug.{key}", _number_in(0, 1), "a probability in [0, 1]")
+        elif key == "rotate_limit":
+            _check(c, "aug.rotate_limit", _number_in(0, 180), "degrees in [0, 180]")
+        elif key in ("cutout_size", "pad"):
+            _check(c, f"aug.{key}", _int_at_least(0), "an integer >= 0 (pixels)")
+    _check(c, "eval.batch_size", _int_at_least(1), "an integer >= 1")
+    _check(c, "eval.tta", lambda v: isinstance(v, bool), "true or false")
+    _check(c, "trainer.device", lambda v: isinstance(v, str) and bool(DEVICE_PATTERN.match(v)),
+           "auto, cpu, cuda or cuda:N")
+    _check(c, "trainer.precision", _choice(PRECISIONS), f"one of {list(PRECISIONS)}")
+
+    if command in ("train", "lr-find"):
+        _check(c, "optimizer.lr", lambda v: v == "auto" or (_is_number(v) and v > 0), "a number > 0 or 'auto' (run the LR range test first)")
+        _check(c, "optimizer._target_", lambda v: isinstance(v, str) and v.startswith("torch.optim."),
+               "a torch.optim class")
+        if "weight_decay" in c.optimizer:
+            _check(c, "optimizer.weight_decay", _number_in(0, float("inf")), "a number >= 0")
+        if "momentum" in c.optimizer:
+            _check(c, "optimizer.momentum", _number_in(0, 1, high_open=True), "a number in [0, 1)")
+        _check(c, "scheduler.interval", _choice(("epoch", "step")), "epoch or step")
+        _check(c, "trainer.epochs", _int_at_least(1), "an integer >= 1")
+        _check(c, "trainer.early_stopping.patience", _int_at_least(1), "null (off) or an integer >= 1",
+               optional=True)
+        _check(c, "trainer.early_stopping.min_delta", _number_in(0, 1), "a fraction in [0, 1]")
+        _check(c, "trainer.label_smoothing", _number_in(0, 1, high_open=True), "a number in [0, 1)")
+        _check(c, "trainer.log_every", lambda v: v == "auto" or (_is_int(v) and v >= 1), "'auto' or an integer >= 1")
+        _check(c, "trainer.compile", lambda v: isinstance(v, bool), "true or false")
+        _check(c, "trainer.channels_last", lambda v: isinstance(v, bool), "true or false")
+        _check(c, "trainer.deterministic", lambda v: isinstance(v, bool), "true or false")
+    if command == "lr-find" or (command == "train" and _get(c, "optimizer.lr") == "auto"):
+        _check(c, "lr_find.start_lr", lambda v: _is_number(v) and v > 0, "a number > 0")
+        _check(c, "lr_find.end_lr", lambda v: _is_number(v) and v > _get(c, "lr_find.start_lr"),
+               f"a number > lr_find.start_lr ({_get(c, 'lr_find.start_lr')})")
+        _check(c, "lr_find.num_iter", _int_at_least(2), "an integer >= 2")
+    if command == "gradcam":
+        _check(c, "gradcam.num_images", _int_at_least(1), "an integer >= 1")
+        _check(c, "gradcam.method", _choice(CAM_METHODS), f"one of {list(CAM_METHODS)}")
+        _check(c, "gradcam.select", _choice(CAM_SELECT), f"one of {list(CAM_SELECT)}")
+        _check(c, "gradcam.target", lambda v: isinstance(v, bool), "true or false")
+        _check(c, "gradcam.target_layers", lambda v: isinstance(v, (list, tuple)) or OmegaConf.is_list(v),
+               "a list of layer names, e.g. [layer3,layer4]")
+    if command in ("eval", "gradcam"):
+        _check(c, "ckpt", lambda v: isinstance(v, str) and v != "", "a checkpoint file or a train run dir")
+
+
+# Sections of a checkpoint's config that define what was trained: eval and gradcam rebuild
+# these from the checkpoint unless the command line overrides them.
+MODEL_SECTIONS = ("data", "model")
+
+
+def merge_with_checkpoint(cfg: DictConfig, ckpt_config: dict[str, Any], overrides: list[str],
+                          sections: Iterable[str] | None = None) -> DictConfig:
+    """Takes `sections` (all if None) from the checkpoint's config; keys set on the command line win.
+
+    A group choice on the command line (`data=folder`) keeps that whole section from `cfg`;
+    a key override (`data.root=...`) keeps just that key.
+    """
+    merged = cfg.copy()
+    OmegaConf.set_struct(merged, False)
+    stored = OmegaConf.create(ckpt_config)
+    keys = [_override_key(o) for o in overrides]
+    names = list(sections) if sections is not None else [k for k in stored.keys() if k != "hydra"]
+    for section in names:
+        if section not in stored or section in keys:
+            continue
+        merged[section] = stored[section]
+        for key in keys:
+            if key.startswith(section + "."):
+                OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True)
+    return merged
+
+
+def _override_key(override: str) -> str:
+    """'+data.root=x' -> 'data.root'; 'data=folder' -> 'data'; 'aug@x=y' -> 'aug'."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key.split("@", 1)[0]

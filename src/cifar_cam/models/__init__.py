@@ -1,0 +1,5 @@
+"""Models, built by name."""
+
+from cifar_cam.models.resnet import MODELS, ResNet, build_model, resnet18
+
+__all__ = ["MODELS", "ResNet", "build_model", "resnet18"]

@@ -1,0 +1,105 @@
+"""What every command shares: the run dir, seeding, device, data, model and JSON output."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from cifar_cam.checkpoint import load_checkpoint
+from cifar_cam.config import MODEL_SECTIONS, merge_with_checkpoint, validate
+from cifar_cam.data import DataSplits, build_splits
+from cifar_cam.engine import resolve_device
+from cifar_cam.errors import CheckpointError
+
+log = logging.getLogger("cifar_cam")
+
+
+def run_dir() -> Path:
+    """This invocation's output directory (Hydra's runtime.output_dir)."""
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def cli_overrides() -> list[str]:
+    """The overrides typed on the command line (for this job, in a sweep)."""
+    return list(HydraConfig.get().overrides.task)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_runtime(cfg: DictConfig) -> torch.device:
+    """Seeds everything, applies trainer.deterministic, and returns the device."""
+    device = resolve_device(cfg.trainer.device)
+    seed_everything(cfg.seed)
+    if cfg.trainer.get("deterministic", False):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
+def load_data(cfg: DictConfig) -> DataSplits:
+    """The train / val / test arrays that `cfg.data` describes."""
+    d = cfg.data
+    splits = build_splits(
+        d.source, d.get("root"), val_size=d.val_size, subset=d.subset, seed=cfg.seed,
+        cache=d.get("cache", True), image_size=d.get("image_size", 32),
+        num_classes=d.get("num_classes", 10), train_size=d.get("train_size", 640), test_size=d.get("test_size", 256),
+    )
+    log.info("data: %s, %d classes; train %d, val %d, test %d images", d.source, splits.num_classes,
+             len(splits.train), 0 if splits.val is None else len(splits.val), len(splits.test))
+    return splits
+
+
+def checkpoint_and_config(cfg: DictConfig, command: str, prefer: str = "best",
+                          sections: tuple[str, ...] | None = MODEL_SECTIONS) -> tuple[dict[str, Any], DictConfig]:
+    """Loads `cfg.ckpt` and merges its config into `cfg` (command-line overrides win), validated."""
+    payload = load_checkpoint(cfg.ckpt, prefer=prefer)
+    merged = merge_with_checkpoint(cfg, payload["config"], cli_overrides(), sections)
+    validate(merged, command)
+    return payload, merged
+
+
+def check_classes(payload: dict[str, Any], splits: DataSplits) -> None:
+    """Refuses data whose classes differ from the checkpoint's."""
+    if list(payload["classes"]) != list(splits.classes):
+        raise CheckpointError(
+            f"ckpt={payload['path']} was trained on {len(payload['classes'])} classes {list(payload['classes'])[:4]}..., "
+            f"but the data has {splits.num_classes} {splits.classes[:4]}...; use the data it was trained on"
+        )
+
+
+def plain(cfg: DictConfig) -> dict[str, Any]:
+    """The config as a plain dict (what checkpoints and JSON files store)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Writes JSON atomically (temp file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def percent(x: float | None) -> str:
+    """A fraction as a percentage for the screen."""
+    return "-" if x is None else f"{100 * x:.2f}%"
