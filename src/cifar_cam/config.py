@@ -124,6 +124,8 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check(c, "gradcam.target", lambda v: isinstance(v, bool), "true or false")
         _check(c, "gradcam.target_layers", lambda v: isinstance(v, (list, tuple)) or OmegaConf.is_list(v),
                "a list of layer names, e.g. [layer3,layer4]")
+    if command in ("eval", "gradcam") and OmegaConf.is_missing(c, "ckpt"):
+        raise ConfigError(f"{command} needs ckpt=PATH: a train run dir (uses its checkpoints/best.pt) or a .pt file")
     if command in ("eval", "gradcam"):
         _check(c, "ckpt", lambda v: isinstance(v, str) and v != "", "a checkpoint file or a train run dir")
 
