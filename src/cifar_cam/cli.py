@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("eval", "cifar_cam.tasks.eval:eval_", "evaluate ckpt=PATH: accuracy, per class, confusion matrix"),
     "gradcam": ("gradcam", "cifar_cam.tasks.gradcam:gradcam", "Grad-CAM heatmaps of misclassified test images"),
 }
+# `report` is not a Hydra app: its arguments are run dirs, not overrides (see report_main).
+REPORT_HELP = "one table / CSV / plot over sweep jobs or run dirs: report DIR..."
 # Hydra flags that take a value (the value is not an override).
 VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                "--config-dir", "-cd", "--experimental-rerun", "--shell-completion", "-sc"}
@@ -64,19 +66,22 @@ def fail(command: str | None, message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
-def split_args(args: list[str]) -> tuple[list[str], set[str]]:
-    """Separates overrides (key=value) from Hydra's flags."""
-    overrides, flags = [], set()
-    it = iter(range(len(args)))
-    for i in it:
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """Separates overrides (key=value) from Hydra's flags (with their values)."""
+    overrides, flags = [], []
+    i = 0
+    while i < len(args):
         arg = args[i]
         if arg.startswith("-"):
-            flags.add(arg.split("=", 1)[0])
-            if "=" not in arg and (arg in VALUE_FLAGS or (arg in ("--info", "-i") and i + 1 < len(args)
-                                                         and args[i + 1] in INFO_VALUES)):
-                next(it, None)
+            flags.append(arg)
+            takes_value = arg in VALUE_FLAGS or (arg in ("--info", "-i") and i + 1 < len(args)
+                                                 and args[i + 1] in INFO_VALUES)
+            if "=" not in arg and takes_value and i + 1 < len(args):
+                flags.append(args[i + 1])
+                i += 1
         else:
             overrides.append(arg)
+        i += 1
     return overrides, flags
 
 
@@ -171,6 +176,28 @@ def precheck(command: str, overrides: list[str]) -> Any:
     return cfg
 
 
+def inherit_choices(command: str, overrides: list[str]) -> list[str]:
+    """Prepends the config-group choices stored in `ckpt=`'s checkpoint (data=..., model=...).
+
+    `cifar-cam eval ckpt=RUN data.test_size=100` then composes against the data group the run
+    was trained with; a group named on the command line still wins.
+    """
+    ckpt = next((o.split("=", 1)[1] for o in overrides if o.startswith("ckpt=")), None)
+    if command not in ("eval", "gradcam", "train") or not ckpt:
+        return overrides
+    from cifar_cam.checkpoint import load_checkpoint
+    from cifar_cam.config import MODEL_SECTIONS
+
+    try:
+        payload = load_checkpoint(ckpt, prefer="last" if command == "train" else "best")
+    except CifarCamError as e:
+        fail(command, str(e), e.exit_code)
+    groups = set(payload.get("choices", {})) if command == "train" else set(MODEL_SECTIONS)
+    named = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    inherited = [f"{g}={c}" for g, c in payload.get("choices", {}).items() if g in groups and g not in named]
+    return inherited + overrides
+
+
 def reserve_dir(base: Path) -> Path:
     """Creates and returns base/<timestamp>[_N]: mkdir is atomic, so concurrent runs never share one."""
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
@@ -211,18 +238,49 @@ def task_entry(command: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return task
 
 
+def report_main(args: list[str]) -> None:
+    """`cifar-cam report DIR... [--out DIR]`: plain argparse, since its inputs are directories."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="cifar-cam report",
+        description="Collects the train jobs of sweeps or run dirs (overrides + summary.json) into one table, "
+                    "report.csv (a row a job), report_groups.csv (jobs differing only in seed: mean ± std, n) "
+                    "and report.png. Failed and unfinished jobs are listed with the reason from their log.",
+        epilog="Output: into the sweep dir when given exactly one (it holds multirun.yaml), else into "
+               "outputs/report/<YYYY-MM-DD_HH-MM-SS>/; --out DIR to choose.\n"
+               "examples:\n  cifar-cam report multirun/train/2026-01-01_12-00-00\n"
+               "  cifar-cam report outputs/train/run_a outputs/train/run_b --out my_report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("dirs", nargs="+", metavar="DIR",
+                        help="a sweep dir (multirun/train/<time>), run dirs, or folders holding either")
+    parser.add_argument("--out", metavar="DIR", help="where to write report.csv, report_groups.csv, report.png")
+    ns = parser.parse_args(args)
+    from cifar_cam.tasks.report import report
+
+    try:
+        report(ns.dirs, out=ns.out)
+    except CifarCamError as e:
+        fail("report", str(e), e.exit_code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `cifar-cam` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
     listing = "\n".join(f"  {name:<9} {text}" for name, (_, _, text) in COMMANDS.items())
+    listing += f"\n  {'report':<9} {REPORT_HELP}"
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE.format(commands=listing, conf=config_dir()))
         sys.exit(0 if args else 2)
     command, rest = args[0], args[1:]
+    if command == "report":
+        report_main(rest)
+        return
     if command not in COMMANDS:
-        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        close = difflib.get_close_matches(command, [*COMMANDS, "report"], n=1)
         fail(None, f"unknown command '{command}'" + (f" (did you mean {close[0]}?)" if close else "")
-             + f"; commands: {', '.join(COMMANDS)}")
+             + f"; commands: {', '.join([*COMMANDS, 'report'])}")
     config_name, target, _ = COMMANDS[command]
     module_name, fn_name = target.split(":")
     try:
@@ -233,9 +291,11 @@ def main(argv: list[str] | None = None) -> None:
         fail(command, "not yet implemented in this version")
     fn = getattr(module, fn_name)
 
-    overrides, flags = split_args(rest)
+    overrides, flag_args = split_args(rest)
+    flags = {f.split("=", 1)[0] for f in flag_args if f.startswith("-")}
     extra: list[str] = []
     if not flags & INFO_FLAGS:
+        overrides = inherit_choices(command, overrides)
         cfg = precheck(command, overrides)
         multirun = bool(flags & {"-m", "--multirun"})
         keys = {o.split("=", 1)[0] for o in overrides}
@@ -254,7 +314,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import hydra
 
-    sys.argv = [f"cifar-cam {command}", *rest, *extra]
+    # Flags first: Hydra's argparse refuses overrides on both sides of a flag (`a=1 -m b=2`).
+    sys.argv = [f"cifar-cam {command}", *flag_args, *overrides, *extra]
     hydra.main(config_path=config_dir(), config_name=config_name, version_base="1.3")(task_entry(command, fn))()
 
 

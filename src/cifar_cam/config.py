@@ -136,16 +136,18 @@ MODEL_SECTIONS = ("data", "model")
 
 
 def merge_with_checkpoint(cfg: DictConfig, ckpt_config: dict[str, Any], overrides: list[str],
-                          sections: Iterable[str] | None = None) -> DictConfig:
+                          sections: Iterable[str] | None = None, ckpt_choices: dict[str, str] | None = None
+                          ) -> DictConfig:
     """Takes `sections` (all if None) from the checkpoint's config; keys set on the command line win.
 
-    A group choice on the command line (`data=folder`) keeps that whole section from `cfg`;
-    a key override (`data.root=...`) keeps just that key.
+    A group choice on the command line (`data=folder`) keeps that whole section from `cfg`, unless
+    it is the checkpoint's own choice (`ckpt_choices`); a key override (`data.root=...`) keeps just that key.
     """
     merged = cfg.copy()
     OmegaConf.set_struct(merged, False)
     stored = OmegaConf.create(ckpt_config)
-    keys = [_override_key(o) for o in overrides]
+    same = {f"{g}={c}" for g, c in (ckpt_choices or {}).items()}
+    keys = [_override_key(o) for o in overrides if o not in same]
     names = list(sections) if sections is not None else [k for k in stored.keys() if k != "hydra"]
     for section in names:
         if section not in stored or section in keys:

@@ -33,6 +33,12 @@ def cli_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
+def group_choices() -> dict[str, str]:
+    """The config-group choices of this run (data=..., model=..., ...), without Hydra's own."""
+    choices = HydraConfig.get().runtime.choices
+    return {g: str(c) for g, c in choices.items() if not g.startswith("hydra") and c is not None}
+
+
 def seed_everything(seed: int) -> None:
     """Seeds python, numpy and torch (all devices)."""
     random.seed(seed)
@@ -72,7 +78,7 @@ def checkpoint_and_config(cfg: DictConfig, command: str, prefer: str = "best",
                           sections: tuple[str, ...] | None = MODEL_SECTIONS) -> tuple[dict[str, Any], DictConfig]:
     """Loads `cfg.ckpt` and merges its config into `cfg` (command-line overrides win), validated."""
     payload = load_checkpoint(cfg.ckpt, prefer=prefer)
-    merged = merge_with_checkpoint(cfg, payload["config"], cli_overrides(), sections)
+    merged = merge_with_checkpoint(cfg, payload["config"], cli_overrides(), sections, payload.get("choices"))
     validate(merged, command)
     return payload, merged
 

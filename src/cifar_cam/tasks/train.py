@@ -25,7 +25,16 @@ from cifar_cam.engine import EpochTotals, evaluate, resolve_precision, train_one
 from cifar_cam.errors import CifarCamError
 from cifar_cam.logs import Bars
 from cifar_cam.models import build_model
-from cifar_cam.tasks.common import cli_overrides, load_data, percent, plain, run_dir, setup_runtime, write_json
+from cifar_cam.tasks.common import (
+    cli_overrides,
+    group_choices,
+    load_data,
+    percent,
+    plain,
+    run_dir,
+    setup_runtime,
+    write_json,
+)
 
 log = logging.getLogger("cifar_cam.train")
 
@@ -113,7 +122,7 @@ def _resume_config(cfg: DictConfig) -> tuple[dict[str, Any] | None, DictConfig]:
     if not cfg.ckpt:
         return None, cfg
     payload = load_checkpoint(cfg.ckpt, prefer="last")
-    merged = merge_with_checkpoint(cfg, payload["config"], cli_overrides(), sections=None)
+    merged = merge_with_checkpoint(cfg, payload["config"], cli_overrides(), None, payload.get("choices"))
     with open_dict(merged):
         merged.ckpt = cfg.ckpt
     validate(merged, "train")
@@ -179,7 +188,7 @@ def train(cfg: DictConfig) -> float:
             "bad_epochs": state.bad_epochs, "history": state.history,
             "partial": None if partial is None else partial.to_dict(),
             "rng": rng_state(), "classes": splits.classes, "config": config_dict,
-            "overrides": cli_overrides(), "num_params": num_params,
+            "overrides": cli_overrides(), "choices": group_choices(), "num_params": num_params,
         }
 
     stopped_early = False

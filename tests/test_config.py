@@ -1,0 +1,101 @@
+"""Every config group composes for every command; validation refuses bad values in words."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from cifar_cam.cli import COMMANDS, config_dir
+from cifar_cam.config import merge_with_checkpoint, validate
+from cifar_cam.errors import ConfigError
+
+GROUPS = ["data", "model", "aug", "optimizer", "scheduler", "trainer", "experiment"]
+
+
+def _choices(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(config_dir()) / group).glob("*.yaml"))
+
+
+def _compose(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+def test_spec_choices_exist() -> None:
+    assert {"cifar10", "folder", "synthetic"} <= set(_choices("data"))
+    assert {"resnet18"} <= set(_choices("model"))
+    assert {"seed", "crop_flip", "none"} <= set(_choices("aug"))
+    assert {"sgd", "adam", "adamw"} <= set(_choices("optimizer"))
+    assert {"plateau", "onecycle", "cosine", "none"} <= set(_choices("scheduler"))
+    assert {"fast", "cpu_quick"} <= set(_choices("experiment"))
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_choice_composes_and_validates(command: str, group: str) -> None:
+    name = COMMANDS[command][0]
+    for choice in _choices(group):
+        overrides = [f"{group}={choice}", "data.root=/somewhere"] if group == "data" else [f"{group}={choice}"]
+        if command in ("eval", "gradcam"):
+            overrides.append("ckpt=some/run")
+        cfg = _compose(name, overrides)
+        assert cfg.command == command
+        validate(cfg, command)  # the shipped choices are all valid
+
+
+def test_defaults_match_spec() -> None:
+    cfg = _compose("train", [])
+    assert cfg.data.source == "cifar10" and cfg.data.val_size == 5000 and cfg.data.subset is None
+    assert cfg.aug.preset == "seed" and cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.momentum == 0.9
+    assert cfg.scheduler._target_.endswith("ReduceLROnPlateau") and cfg.scheduler.mode == "max"
+    assert cfg.trainer.epochs == 50 and cfg.trainer.device == "auto"
+    assert cfg.gradcam.num_images == 25 and list(cfg.gradcam.target_layers) == ["layer3", "layer4"]
+    assert cfg.model.width == 64
+
+
+def test_experiment_presets_override_groups() -> None:
+    fast = _compose("train", ["experiment=fast"])
+    assert fast.scheduler._target_.endswith("OneCycleLR") and fast.aug.preset == "crop_flip"
+    assert fast.scheduler.max_lr == fast.optimizer.lr  # interpolation follows the optimizer
+    quick = _compose("train", ["experiment=cpu_quick"])
+    assert quick.model.width < 64
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.epochs=-1", "trainer.epochs must be an integer >= 1, got -1"),
+        ("trainer.epochs=abc", "trainer.epochs must be an integer >= 1, got 'abc'"),
+        ("optimizer.lr=-1", "optimizer.lr must be a number > 0"),
+        ("data.batch_size=0", "data.batch_size must be an integer >= 1"),
+        ("data.val_size=-5", "data.val_size must be an integer >= 0"),
+        ("aug.hflip_p=1.5", "aug.hflip_p must be a probability in [0, 1]"),
+        ("trainer.device=gpu", "trainer.device must be auto, cpu, cuda or cuda:N"),
+        ("model.width=0", "model.width must be an integer >= 1"),
+        ("trainer.early_stopping.patience=0", "trainer.early_stopping.patience must be null (off) or an integer"),
+        ("trainer.precision=fp8", "trainer.precision must be one of"),
+    ],
+)
+def test_validate_names_key_and_value(override: str, message: str) -> None:
+    cfg = _compose("train", [override])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        validate(cfg, "train")
+
+
+def test_eval_requires_ckpt() -> None:
+    with pytest.raises(ConfigError, match="eval needs ckpt=PATH"):
+        validate(_compose("eval", []), "eval")
+
+
+def test_merge_with_checkpoint_keeps_architecture_but_lets_overrides_win() -> None:
+    cfg = _compose("eval", ["ckpt=x", "data=synthetic", "data.batch_size=7", "model.width=32"])
+    stored = OmegaConf.to_container(_compose("train", ["data=synthetic", "model.width=8", "data.test_size=99"]))
+    merged = merge_with_checkpoint(cfg, stored, ["ckpt=x", "data.batch_size=7"])
+    assert merged.model.width == 8            # from the checkpoint: the command line did not say
+    assert merged.data.test_size == 99        # from the checkpoint
+    assert merged.data.batch_size == 7        # the command line wins
+    merged = merge_with_checkpoint(cfg, stored, ["ckpt=x", "model.width=32"])
+    assert merged.model.width == 32
