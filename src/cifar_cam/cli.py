@@ -234,6 +234,9 @@ def task_entry(command: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
         except KeyboardInterrupt:
             log.error("interrupted", extra={"file_only": True})
             fail(command, "interrupted", 130)
+        except Exception as e:  # a bug or an OS error: the traceback goes on, the log keeps why (for `report`)
+            log.error("%s: %s", type(e).__name__, e, exc_info=True, extra={"file_only": True})
+            raise
 
     return task
 

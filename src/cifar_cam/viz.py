@@ -91,3 +91,43 @@ def plot_image_grid(images: np.ndarray, titles: Sequence[str], path: str | Path,
         fig.suptitle(suptitle)
     fig.tight_layout()
     return _save(fig, path)
+
+def plot_report(labels: Sequence[str], val_accs: Sequence[Sequence[float | None]],
+                test_accs: Sequence[Sequence[float | None]], path: str | Path, title: str = "") -> Path:
+    """Val and test accuracy per config: each seed a point, the mean a bar with ± std (sample) whiskers."""
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * n + 2), 4.8))
+    for offset, series, name, color in ((-0.17, val_accs, "val (best epoch)", "tab:blue"),
+                                        (0.17, test_accs, "test", "tab:orange")):
+        labeled = False
+        for i, values in enumerate(series):
+            points = np.array([100 * v for v in values if v is not None], dtype=float)
+            if len(points) == 0:
+                continue
+            x = i + offset
+            jitter = np.linspace(-0.05, 0.05, len(points)) if len(points) > 1 else np.zeros(1)
+            ax.scatter(x + jitter, points, s=22, color=color, alpha=0.75, zorder=3, label=None if labeled else name)
+            labeled = True
+            std = points.std(ddof=1) if len(points) > 1 else 0.0
+            ax.errorbar(x, points.mean(), yerr=std, fmt="_", color=color, markersize=22, capsize=5, zorder=4)
+    ax.set_xticks(range(n), [_wrap(label) for label in labels], rotation=30 if n > 4 else 0,
+                  ha="right" if n > 4 else "center", fontsize=8)
+    ax.set(ylabel="accuracy (%)", title=title, xlim=(-0.6, n - 0.4))
+    ax.grid(axis="y", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _wrap(label: str, width: int = 28) -> str:
+    """Breaks a long 'key=value key=value' label into lines at spaces."""
+    lines, line = [], ""
+    for word in label.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join([*lines, line])
+

@@ -1,0 +1,296 @@
+"""`cifar-cam report <dirs...>`: one table, CSV and plot over the train jobs of sweeps or several runs.
+
+A job is any directory holding `.hydra/overrides.yaml` (every run and sweep job has one). Its
+result is `summary.json`; a job without one failed (its log's last ERROR line says why) or never
+finished (killed, still running). Jobs whose overrides differ only in `seed` form one group,
+summarized as mean ± sample std over its finished jobs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.table import Table
+
+from cifar_cam.errors import ConfigError
+from cifar_cam.logs import console
+
+log = logging.getLogger("cifar_cam.report")
+
+SUMMARY_FIELDS = ("best_val_acc", "test_acc", "test_loss", "best_epoch", "epochs_run", "stopped_early", "train_seconds",
+                  "images_per_second")
+JOB_FIELDS = ("job", "status", "group", "seed", *SUMMARY_FIELDS, "reason", "overrides")
+GROUP_FIELDS = ("group", "n", "failed", "val_acc_mean", "val_acc_std", "test_acc_mean", "test_acc_std",
+                "train_seconds_mean", "jobs")
+NOT_A_CONFIG = ("seed", "ckpt")  # overrides that do not define the configuration being compared (nor hydra.*)
+
+
+@dataclass
+class Job:
+    """One train run: where it is, how it was configured, and its summary.json (None if it has none)."""
+
+    path: Path
+    overrides: list[str]
+    seed: int | None
+    summary: dict[str, Any] | None
+    status: str                     # done | failed | unfinished
+    reason: str = ""                # for failed / unfinished jobs: the log's last error or last line
+    group: str = ""                 # the overrides that set this job apart from the others, seed excluded
+
+
+@dataclass
+class Group:
+    """Jobs that differ only in seed, with the statistics of the finished ones."""
+
+    label: str
+    jobs: list[Job] = field(default_factory=list)
+
+    @property
+    def done(self) -> list[Job]:
+        return [j for j in self.jobs if j.status == "done"]
+
+    def values(self, key: str) -> list[float]:
+        """`key` of summary.json over the finished jobs (missing or null values left out)."""
+        return [float(j.summary[key]) for j in self.done if j.summary and j.summary.get(key) is not None]
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof 1); std is None below two values, both None for none."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def find_jobs(paths: Iterable[str | Path]) -> list[Path]:
+    """Every job dir at or below `paths` (a run dir, a sweep dir, or a folder of either), in order."""
+    found: list[Path] = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"{given} is not a directory; pass sweep dirs (multirun/train/<time>) or run dirs")
+        jobs = sorted({p.parent.parent for p in path.rglob(".hydra/overrides.yaml")}, key=_natural_key)
+        if not jobs:
+            raise ConfigError(f"{given} holds no runs (no .hydra/overrides.yaml below it); "
+                              "pass a sweep dir (multirun/train/<time>) or train run dirs")
+        found += [j for j in jobs if j not in found]
+    return found
+
+
+def _natural_key(path: Path) -> list[Any]:
+    """multirun/.../2 before multirun/.../10."""
+    return [int(part) if part.isdigit() else part for part in path.parts]
+
+
+def read_job(path: Path) -> Job | None:
+    """The job in `path`, or None when it is not a train run (eval, gradcam, lr-find dirs are skipped)."""
+    overrides = [str(o) for o in (yaml.safe_load((path / ".hydra" / "overrides.yaml").read_text()) or [])]
+    config_file = path / ".hydra" / "config.yaml"
+    config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+    if config.get("command", "train") != "train":
+        return None
+    seed = config.get("seed")
+    summary_file = path / "summary.json"
+    if summary_file.is_file():
+        try:
+            summary = json.loads(summary_file.read_text())
+        except json.JSONDecodeError:
+            return Job(path, overrides, seed, None, "failed", "summary.json is not valid JSON")
+        return Job(path, overrides, seed, summary, "done")
+    status, reason = why_unfinished(path)
+    return Job(path, overrides, seed, None, status, reason)
+
+
+def why_unfinished(path: Path) -> tuple[str, str]:
+    """('failed', the log's last ERROR message) or ('unfinished', the log's last line) for a job without results."""
+    logs = sorted(path.glob("*.log"))
+    if not logs:
+        return "unfinished", "no log file: the job never started"
+    lines = [line.rstrip() for line in logs[0].read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if "[ERROR]" in line]
+    if errors:
+        return "failed", errors[-1].split("[ERROR]", 1)[1].strip()
+    if not lines:
+        return "unfinished", f"{logs[0].name} is empty: killed at start, or still starting"
+    last = lines[-1].split("[INFO]", 1)[-1].strip()
+    return "unfinished", f"killed or still running; last log line: {last}"
+
+
+def _is_config_override(override: str) -> bool:
+    """False for overrides that do not define what is compared: seed, ckpt, hydra.*."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key not in NOT_A_CONFIG and not key.startswith("hydra.")
+
+
+def group_jobs(jobs: list[Job]) -> tuple[list[Group], list[str]]:
+    """Groups jobs whose overrides differ only in seed; returns the groups and the overrides all jobs share."""
+    configs = [[o for o in j.overrides if _is_config_override(o)] for j in jobs]
+    common = [o for o in configs[0] if all(o in c for c in configs[1:])] if configs else []
+    groups: dict[tuple[str, ...], Group] = {}
+    for job, config in zip(jobs, configs, strict=True):
+        own = tuple(sorted(o for o in config if o not in common))
+        job.group = " ".join(own) if own else "(common config)"
+        groups.setdefault(own, Group(job.group)).jobs.append(job)
+    return list(groups.values()), common
+
+
+def rank_groups(groups: list[Group]) -> list[Group]:
+    """Best mean val accuracy first (test accuracy where there is no val split); groups without results last."""
+    def score(g: Group) -> tuple[int, float]:
+        val, _ = mean_std(g.values("best_val_acc"))
+        test, _ = mean_std(g.values("test_acc"))
+        value = val if val is not None else test
+        return (0, -value) if value is not None else (1, 0.0)
+
+    return sorted(groups, key=score)
+
+
+def job_rows(jobs: list[Job], root: Path | None) -> list[dict[str, Any]]:
+    """report.csv: one row a job, finished or not (accuracies as fractions)."""
+    rows = []
+    for j in jobs:
+        s = j.summary or {}
+        rows.append({
+            "job": _display(j.path, root), "status": j.status, "group": j.group, "seed": j.seed,
+            **{k: s.get(k) for k in SUMMARY_FIELDS},
+            "reason": j.reason, "overrides": " ".join(j.overrides),
+        })
+    return rows
+
+
+def group_rows(groups: list[Group], root: Path | None) -> list[dict[str, Any]]:
+    """report_groups.csv: one row a group, mean and sample std over its finished jobs."""
+    rows = []
+    for g in groups:
+        val_mean, val_std = mean_std(g.values("best_val_acc"))
+        test_mean, test_std = mean_std(g.values("test_acc"))
+        seconds, _ = mean_std(g.values("train_seconds"))
+        rows.append({
+            "group": g.label, "n": len(g.done), "failed": len(g.jobs) - len(g.done),
+            "val_acc_mean": val_mean, "val_acc_std": val_std, "test_acc_mean": test_mean, "test_acc_std": test_std,
+            "train_seconds_mean": seconds, "jobs": " ".join(_display(j.path, root) for j in g.jobs),
+        })
+    return rows
+
+
+def _display(path: Path, root: Path | None) -> str:
+    if root is not None:
+        try:
+            return str(path.resolve().relative_to(root.resolve()))
+        except ValueError:
+            pass
+    return str(path)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) -> Path:
+    """Writes rows atomically (temp file + rename); None becomes an empty cell."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
+    tmp.replace(path)
+    return path
+
+
+def _pct(mean: float | None, std: float | None = None) -> str:
+    if mean is None:
+        return "-"
+    return f"{100 * mean:.2f}%" + ("" if std is None else f" ± {100 * std:.2f}")
+
+
+def print_tables(groups: list[Group], jobs: list[Job], common: list[str], title: str) -> None:
+    """The ranked groups, then every job that did not finish, on the terminal."""
+    best_val, _ = mean_std(groups[0].values("best_val_acc")) if groups else (None, None)
+    table = Table(title=title, caption=("shared overrides: " + " ".join(common)) if common else None)
+    for name, justify in (("#", "right"), ("config (seed aside)", "left"), ("n", "right"),
+                          ("val acc (mean ± std)", "right"), ("Δ val vs best", "right"),
+                          ("test acc (mean ± std)", "right"), ("seeds: val / test", "left"),
+                          ("train s", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for rank, g in enumerate(groups, 1):
+        val_mean, val_std = mean_std(g.values("best_val_acc"))
+        test_mean, test_std = mean_std(g.values("test_acc"))
+        seconds, _ = mean_std(g.values("train_seconds"))
+        delta = "-" if val_mean is None or best_val is None else f"{100 * (val_mean - best_val):+.2f} pp"
+        seeds = ", ".join(
+            f"{j.seed}: {_pct(j.summary.get('best_val_acc'))} / {_pct(j.summary.get('test_acc'))}"
+            for j in g.done if j.summary)
+        failed = len(g.jobs) - len(g.done)
+        table.add_row(str(rank), g.label, f"{len(g.done)}" + (f" (+{failed} failed)" if failed else ""),
+                      _pct(val_mean, val_std), delta, _pct(test_mean, test_std), seeds or "-",
+                      "-" if seconds is None else f"{seconds:.1f}")
+    console().print(table)
+    unfinished = [j for j in jobs if j.status != "done"]
+    if unfinished:
+        bad = Table(title=f"{len(unfinished)} of {len(jobs)} jobs have no results")
+        for name in ("job", "status", "config", "seed", "why"):
+            bad.add_column(name)
+        for j in unfinished:
+            bad.add_row(str(j.path), j.status, j.group, str(j.seed), j.reason)
+        console().print(bad)
+
+
+def default_out_dir(paths: Sequence[str | Path]) -> Path:
+    """One sweep dir (holds multirun.yaml): the report goes into it. Anything else: outputs/report/<time>/."""
+    if len(paths) == 1 and (Path(paths[0]) / "multirun.yaml").is_file():
+        return Path(paths[0])
+    from cifar_cam.cli import reserve_dir
+
+    return reserve_dir(Path("outputs") / "report")
+
+
+def report(paths: Sequence[str | Path], out: str | Path | None = None) -> Path:
+    """Collects the jobs below `paths` into report.csv, report_groups.csv and report.png; returns the folder."""
+    from cifar_cam import viz
+
+    job_dirs = find_jobs(paths)
+    jobs = [job for job in (read_job(d) for d in job_dirs) if job is not None]
+    if not jobs:
+        raise ConfigError(f"no train runs in {' '.join(map(str, paths))} (found only other commands' run dirs)")
+    groups, common = group_jobs(jobs)
+    groups = rank_groups(groups)
+    out_dir = Path(out) if out is not None else default_out_dir(paths)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = Path(paths[0]) if len(paths) == 1 else None
+    write_csv(out_dir / "report.csv", job_rows(jobs, root), JOB_FIELDS)
+    write_csv(out_dir / "report_groups.csv", group_rows(groups, root), GROUP_FIELDS)
+    done = sum(j.status == "done" for j in jobs)
+    title = f"{len(jobs)} jobs, {len(groups)} configs, {done} finished"
+    viz.plot_report(
+        [g.label for g in groups],
+        [[(j.summary or {}).get("best_val_acc") for j in g.done] for g in groups],
+        [[(j.summary or {}).get("test_acc") for j in g.done] for g in groups],
+        out_dir / "report.png",
+        title=title + (f"; {len(jobs) - done} without results (see report.csv)" if done < len(jobs) else ""),
+    )
+    print_tables(groups, jobs, common, title)
+    optuna = _optuna_best(paths)
+    if optuna:
+        console().print(optuna)
+    console().print(f"wrote {out_dir / 'report.csv'}, {out_dir / 'report_groups.csv'}, {out_dir / 'report.png'}")
+    return out_dir
+
+
+def _optuna_best(paths: Sequence[str | Path]) -> str:
+    """The Optuna sweeper's own verdict (optimization_results.yaml in a sweep dir), if there is one."""
+    lines = []
+    for p in paths:
+        results = Path(p) / "optimization_results.yaml"
+        if results.is_file():
+            data = yaml.safe_load(results.read_text()) or {}
+            params = " ".join(f"{k}={v}" for k, v in (data.get("best_params") or {}).items())
+            lines.append(f"optuna best in {p}: {params} -> val acc {_pct(data.get('best_value'))}")
+    return "\n".join(lines)
+
