@@ -93,6 +93,8 @@ def validate(cfg: DictConfig, command: str) -> None:
     _check(c, "trainer.device", lambda v: isinstance(v, str) and bool(DEVICE_PATTERN.match(v)),
            "auto, cpu, cuda or cuda:N")
     _check(c, "trainer.precision", _choice(PRECISIONS), f"one of {list(PRECISIONS)}")
+    _check(c, "trainer.num_threads", lambda v: v == "auto" or (_is_int(v) and v >= 1), "'auto' or an integer >= 1",
+           optional=True)
 
     if command in ("train", "lr-find"):
         _check(c, "optimizer.lr", lambda v: v == "auto" or (_is_number(v) and v > 0), "a number > 0 or 'auto' (run the LR range test first)")

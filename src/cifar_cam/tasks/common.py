@@ -46,10 +46,37 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def processes_sharing_cores() -> int:
+    """How many processes of this run share the machine's cores: joblib sweep jobs, or torchrun ranks on a node."""
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    launcher = HydraConfig.get().launcher if HydraConfig.initialized() else {}
+    if str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
+        jobs = int(launcher.get("n_jobs") or 1)
+        return max(ranks, _cores() if jobs < 0 else jobs)  # joblib: -1 is one job per core
+    return ranks
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_num_threads(setting: int | str) -> int | None:
+    """torch CPU threads: an integer as given; 'auto' splits the cores among the processes sharing them,
+    or None (torch's default) when this process is alone."""
+    if setting != "auto":
+        return int(setting)
+    sharing = processes_sharing_cores()
+    return max(1, _cores() // sharing) if sharing > 1 else None
+
+
 def setup_runtime(cfg: DictConfig) -> torch.device:
-    """Seeds everything, applies trainer.deterministic, and returns the device."""
+    """Seeds everything, sets the CPU threads, applies trainer.deterministic, and returns the device."""
     device = resolve_device(cfg.trainer.device)
     seed_everything(cfg.seed)
+    threads = resolve_num_threads(cfg.trainer.get("num_threads", "auto"))
+    if threads is not None:  # parallel jobs each on all cores would oversubscribe them
+        torch.set_num_threads(threads)
+        log.info("torch threads: %d (trainer.num_threads=%s)", threads, cfg.trainer.get("num_threads", "auto"))
     if cfg.trainer.get("deterministic", False):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)

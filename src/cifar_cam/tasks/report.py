@@ -242,9 +242,15 @@ def print_tables(groups: list[Group], jobs: list[Job], common: list[str], title:
         console().print(bad)
 
 
+def is_sweep_dir(path: Path) -> bool:
+    """A sweep's own dir: multirun.yaml or Optuna's results in it, or job dirs (with .hydra/) right below it."""
+    return ((path / "multirun.yaml").is_file() or (path / "optimization_results.yaml").is_file()
+            or (not (path / ".hydra").is_dir() and any(path.glob("*/.hydra/overrides.yaml"))))
+
+
 def default_out_dir(paths: Sequence[str | Path]) -> Path:
-    """One sweep dir (holds multirun.yaml): the report goes into it. Anything else: outputs/report/<time>/."""
-    if len(paths) == 1 and (Path(paths[0]) / "multirun.yaml").is_file():
+    """One sweep dir: the report goes into it. Anything else: a new outputs/report/<time>/."""
+    if len(paths) == 1 and is_sweep_dir(Path(paths[0])):
         return Path(paths[0])
     from cifar_cam.cli import reserve_dir
 
