@@ -204,6 +204,21 @@ def write_csv(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) -> 
     return path
 
 
+def short_label(label: str) -> str:
+    """A group label for the screen and the plot: floats to 4 significant digits (Optuna's lr=0.032130356...)."""
+    words = []
+    for word in label.split():
+        key, sep, value = word.partition("=")
+        try:
+            number = float(value)
+            if "." in value or "e" in value.lower():
+                value = f"{number:.4g}"
+        except ValueError:
+            pass
+        words.append(f"{key}{sep}{value}")
+    return " ".join(words)
+
+
 def _pct(mean: float | None, std: float | None = None) -> str:
     if mean is None:
         return "-"
@@ -228,7 +243,7 @@ def print_tables(groups: list[Group], jobs: list[Job], common: list[str], title:
             f"{j.seed}: {_pct(j.summary.get('best_val_acc'))} / {_pct(j.summary.get('test_acc'))}"
             for j in g.done if j.summary)
         failed = len(g.jobs) - len(g.done)
-        table.add_row(str(rank), g.label, f"{len(g.done)}" + (f" (+{failed} failed)" if failed else ""),
+        table.add_row(str(rank), short_label(g.label), f"{len(g.done)}" + (f" (+{failed} failed)" if failed else ""),
                       _pct(val_mean, val_std), delta, _pct(test_mean, test_std), seeds or "-",
                       "-" if seconds is None else f"{seconds:.1f}")
     console().print(table)
@@ -238,7 +253,7 @@ def print_tables(groups: list[Group], jobs: list[Job], common: list[str], title:
         for name in ("job", "status", "config", "seed", "why"):
             bad.add_column(name)
         for j in unfinished:
-            bad.add_row(str(j.path), j.status, j.group, str(j.seed), j.reason)
+            bad.add_row(str(j.path), j.status, short_label(j.group), str(j.seed), j.reason)
         console().print(bad)
 
 
@@ -275,7 +290,7 @@ def report(paths: Sequence[str | Path], out: str | Path | None = None) -> Path:
     done = sum(j.status == "done" for j in jobs)
     title = f"{len(jobs)} jobs, {len(groups)} configs, {done} finished"
     viz.plot_report(
-        [g.label for g in groups],
+        [short_label(g.label) for g in groups],
         [[(j.summary or {}).get("best_val_acc") for j in g.done] for g in groups],
         [[(j.summary or {}).get("test_acc") for j in g.done] for g in groups],
         out_dir / "report.png",
