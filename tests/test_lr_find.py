@@ -1,0 +1,168 @@
+"""The LR range test: state restored bit for bit, files written, divergence, optimizer.lr=auto."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from torch_lr_finder import LRFinder
+
+from cifar_cam.augment import build_train_batches
+from cifar_cam.checkpoint import load_checkpoint
+from cifar_cam.data import build_splits
+from cifar_cam.models import build_model
+from cifar_cam.tasks.lr_find import MIN_POINTS, lr_find, run_range_test, steepest_gradient_lr, train_command
+from conftest import TINY, compose_cfg, run_cli
+
+CPU = torch.device("cpu")
+
+
+def _tiny_batches(cfg):  # noqa: ANN001, ANN202
+    splits = build_splits("synthetic", None, val_size=0, subset=None, seed=0, train_size=96, test_size=8)
+    return build_train_batches(splits.train, cfg.aug, batch_size=32, num_workers=0, seed=0, device=CPU)
+
+
+def test_range_test_restores_model_and_optimizer_bit_for_bit() -> None:
+    cfg = compose_cfg("lr-find", TINY)
+    torch.manual_seed(0)
+    model = build_model("resnet18", num_classes=10, width=8).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    criterion = torch.nn.CrossEntropyLoss()
+    batches = _tiny_batches(cfg)
+    for x, y in batches:  # one real step first: momentum buffers and BN statistics that must survive
+        criterion(model(x), y).backward()
+        optimizer.step()
+        break
+    model.eval()
+    model_before = copy.deepcopy(model.state_dict())
+    optimizer_before = copy.deepcopy(optimizer.state_dict())
+    rng_before = torch.get_rng_state()
+    seen = {}
+
+    def on_step(step: int, lr: float, loss: float) -> None:
+        if step == 8:
+            seen["fc"] = model.fc.weight.detach().clone()
+
+    result = run_range_test(model, optimizer, criterion, batches, device=CPU, start_lr=1e-4, end_lr=1.0, num_iter=12,
+                            on_step=on_step)
+
+    assert result.steps == 12 and not result.stopped_early
+    assert not torch.equal(seen["fc"], model_before["fc.weight"]), "the test did train the model"
+    after = model.state_dict()
+    assert list(after) == list(model_before)
+    for key, value in model_before.items():
+        assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
+    optimizer_after = optimizer.state_dict()
+    assert optimizer_after["param_groups"] == optimizer_before["param_groups"]  # lr 0.05 back, no initial_lr
+    for index, state in optimizer_before["state"].items():
+        assert torch.equal(optimizer_after["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert not model.training, "eval mode comes back"
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    # exponential steps from start_lr to end_lr
+    assert result.lrs[0] == pytest.approx(1e-4) and result.lrs[-1] == pytest.approx(1.0)
+    assert np.allclose(np.diff(np.log(result.lrs)), math.log(1e4) / 11)
+
+
+def test_suggestion_is_torch_lr_finders_steepest_gradient() -> None:
+    lrs = list(np.logspace(-5, 1, 60))
+    losses = list(2.3 - 1.2 / (1 + np.exp(-3 * (np.log10(lrs) + 2))) + 0.01 * np.sin(np.arange(60)))
+    finder = LRFinder(torch.nn.Linear(1, 1), torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0),
+                      torch.nn.MSELoss())
+    finder.history = {"lr": lrs, "loss": losses}
+    fig, ax = plt.subplots()
+    _, expected = finder.plot(ax=ax)  # its default skip_start=10, skip_end=5
+    plt.close(fig)
+    assert steepest_gradient_lr(lrs, losses) == pytest.approx(expected, rel=0, abs=0)
+    assert steepest_gradient_lr(lrs[:MIN_POINTS - 1], losses[:MIN_POINTS - 1]) is None
+
+
+def test_lr_find_writes_plot_json_and_command(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = compose_cfg("lr-find", [*TINY, "lr_find.num_iter=18", "optimizer=adam"], run_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="cifar_cam"):
+        suggested = lr_find(cfg)
+    result = json.loads((tmp_path / "lr_find.json").read_text())
+    assert result["suggested_lr"] == suggested and 1e-6 <= suggested <= 10
+    assert len(result["lr"]) == len(result["loss"]) == result["steps"] == 18
+    assert all(math.isfinite(v) for v in result["loss"]) and result["optimizer"] == "Adam"
+    assert "steepest negative gradient" in result["suggestion"]
+    assert result["stopped_early"] is False and result["note"] is None
+    image = cv2.imread(str(tmp_path / "lr_find.png"))
+    assert image is not None and image.shape[0] > 300 and image.shape[1] > 500
+    lines = [r.getMessage() for r in caplog.records if "to train with it:" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].endswith(f"optimizer=adam optimizer.lr={suggested:.3g}")
+
+
+def test_early_divergence_still_writes_plot_and_json(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = compose_cfg("lr-find", [*TINY, "lr_find.num_iter=30", "lr_find.start_lr=1", "lr_find.end_lr=1e5"],
+                      run_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="cifar_cam"):
+        assert math.isnan(lr_find(cfg))
+    result = json.loads((tmp_path / "lr_find.json").read_text())
+    assert result["suggested_lr"] is None and result["stopped_early"] is True
+    assert 1 <= result["steps"] < MIN_POINTS and len(result["loss"]) == result["steps"]
+    assert "too few points" in result["note"]
+    assert cv2.imread(str(tmp_path / "lr_find.png")) is not None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "diverged after" in warnings[0] and "\n" not in warnings[0]
+    assert not any("to train with it" in r.getMessage() for r in caplog.records)
+
+
+def test_nan_loss_stops_the_test_and_stays_out_of_the_json(tmp_path: Path) -> None:
+    # diverge_th so high that torch-lr-finder never stops by itself: only our NaN/inf check does
+    cfg = compose_cfg("lr-find", [*TINY, "lr_find.num_iter=40", "lr_find.start_lr=10", "lr_find.end_lr=1e8",
+                                  "lr_find.diverge_th=1e30"], run_dir=tmp_path)
+    lr_find(cfg)
+    result = json.loads((tmp_path / "lr_find.json").read_text())  # strict JSON: a NaN would not parse as null
+    assert result["non_finite_loss"] is True and result["steps"] < 40
+    assert all(math.isfinite(v) for v in result["loss"])
+
+
+def test_start_from_a_checkpoint(trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # model.width=64 by default: the architecture (width 8) must come from the checkpoint
+    cfg = compose_cfg("lr-find", [f"ckpt={trained_run}", "lr_find.num_iter=6"], run_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="cifar_cam"):
+        lr_find(cfg)
+    assert json.loads((tmp_path / "lr_find.json").read_text())["steps"] == 6
+    assert any("starting from the weights of" in r.getMessage() for r in caplog.records)
+
+
+def test_train_command_keeps_the_overrides_that_shape_training() -> None:
+    command = train_command(0.0123456, ["data=folder", "data.root=/my data", "lr_find.num_iter=50",
+                                        "optimizer.lr=1", "hydra.run.dir=x", "ckpt=run", "model.width=16"])
+    assert command == "cifar-cam train data=folder 'data.root=/my data' model.width=16 optimizer.lr=0.0123"
+
+
+def test_train_with_lr_auto(tmp_path: Path) -> None:
+    from cifar_cam.tasks.train import train
+
+    cfg = compose_cfg("train", [*TINY, "trainer.epochs=1", "optimizer.lr=auto", "lr_find.num_iter=18",
+                                "scheduler=none"], run_dir=tmp_path)
+    train(cfg)
+    found = json.loads((tmp_path / "lr_find.json").read_text())
+    assert cv2.imread(str(tmp_path / "lr_find.png")) is not None
+    lr = float(f"{found['suggested_lr']:.3g}")
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["config"]["optimizer"]["lr"] == lr
+    with (tmp_path / "metrics.csv").open() as f:
+        assert float(next(csv.DictReader(f))["lr"]) == lr  # the optimizer trained with it
+
+
+def test_cli_prints_the_train_command(tmp_path: Path) -> None:
+    result = run_cli("lr-find", *TINY, "lr_find.num_iter=18", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "to train with it: cifar-cam train data=synthetic" in output and "optimizer.lr=" in output
+    assert "See the graph" not in output  # torch-lr-finder's own prints are silenced
+    run = next((tmp_path / "outputs" / "lr-find").iterdir())
+    assert {p.name for p in run.iterdir()} >= {"lr_find.png", "lr_find.json", "lr-find.log", ".hydra"}
