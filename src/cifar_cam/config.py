@@ -114,6 +114,8 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check(c, "trainer.compile", lambda v: isinstance(v, bool), "true or false")
         _check(c, "trainer.channels_last", lambda v: isinstance(v, bool), "true or false")
         _check(c, "trainer.deterministic", lambda v: isinstance(v, bool), "true or false")
+        _check(c, "trainer.strategy", _choice(("auto", "single", "ddp")), "auto, single or ddp", optional=True)
+        _check(c, "trainer.sync_batchnorm", lambda v: isinstance(v, bool), "true or false", optional=True)
     if command == "lr-find" or (command == "train" and _get(c, "optimizer.lr") == "auto"):
         _check(c, "lr_find.start_lr", lambda v: _is_number(v) and v > 0, "a number > 0")
         _check(c, "lr_find.end_lr", lambda v: _is_number(v) and v > _get(c, "lr_find.start_lr"),

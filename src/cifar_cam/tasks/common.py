@@ -48,7 +48,9 @@ def seed_everything(seed: int) -> None:
 
 def processes_sharing_cores() -> int:
     """How many processes of this run share the machine's cores: joblib sweep jobs, or torchrun ranks on a node."""
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    from cifar_cam.distributed import world
+
+    ranks = world().local_size  # torchrun's LOCAL_WORLD_SIZE, or a multi-task submitit job's tasks per node
     launcher = HydraConfig.get().launcher if HydraConfig.initialized() else {}
     if str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
         jobs = int(launcher.get("n_jobs") or 1)
