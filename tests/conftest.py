@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict, read_write
 
 from cifar_cam.cli import config_dir
 
@@ -40,13 +40,18 @@ def compose_cfg(command: str, overrides: list[str] | None = None, run_dir: Path 
     overrides = list(overrides or [])
     if run_dir is not None:
         overrides.append(f"hydra.run.dir={run_dir}")
+        Path(run_dir).mkdir(parents=True, exist_ok=True)  # as Hydra does before a task starts
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name=command):
         cfg = compose(name, overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     # tasks read hydra.runtime.output_dir, which only a real run fills in
-    cfg.hydra.runtime.output_dir = str(run_dir) if run_dir else str(Path.cwd())
+    with read_write(cfg.hydra):  # set_config made it read-only
+        cfg.hydra.runtime.output_dir = str(run_dir) if run_dir else str(Path.cwd())
     HydraConfig.instance().set_config(cfg)
-    return cfg
+    task_cfg = cfg.copy()  # a real run hands the task its config without the hydra node
+    with open_dict(task_cfg):
+        del task_cfg["hydra"]
+    return task_cfg
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None

@@ -53,6 +53,21 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def input_memory_format(model: nn.Module) -> torch.memory_format:
+    """The memory format of the model's first conv weight: batches are laid out to match it.
+
+    A conv runs channels_last when either its input or its weight is, so channels_last batches
+    would silently override trainer.channels_last=false; matching the model honours the flag.
+    """
+    for p in model.parameters():
+        if p.dim() == 4 and not p.is_contiguous():
+            channels_last = p.is_contiguous(memory_format=torch.channels_last)
+            return torch.channels_last if channels_last else torch.contiguous_format
+        if p.dim() == 4 and p.shape[2:].numel() > 1:  # a contiguous k x k weight (k > 1): NCHW
+            return torch.contiguous_format
+    return torch.contiguous_format
+
+
 @dataclass
 class EpochTotals:
     """Running sums of one training epoch; saved in a checkpoint when a signal stops it mid-way."""
@@ -113,6 +128,7 @@ def train_one_epoch(
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     lrs: list[float] = []
     total_steps = totals.step + len(batches)  # type: ignore[arg-type]
+    memory_format = input_memory_format(model)
 
     def read() -> None:
         nonlocal count
@@ -134,6 +150,7 @@ def train_one_epoch(
     interrupted = False
     for images, labels in batches:
         lrs.append(optimizer.param_groups[0]["lr"])
+        images = images.contiguous(memory_format=memory_format)  # a no-op when the batch already matches
         with autocast(device, amp_dtype):
             logits = model(images)
             loss = criterion(logits, labels)
@@ -185,8 +202,10 @@ def predict(model: nn.Module, batches: Batches, *, device: torch.device, amp_dty
             tta: bool = False) -> Predictions:
     """Logits for every batch; with `tta`, the mean of the logits of each image and its mirror."""
     model.eval()
+    memory_format = input_memory_format(model)
     all_logits, all_labels = [], []
     for images, labels in batches:
+        images = images.contiguous(memory_format=memory_format)
         with autocast(device, amp_dtype):
             logits = model(images).float()
             if tta:

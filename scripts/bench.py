@@ -1,0 +1,312 @@
+#!/usr/bin/env python
+"""Training throughput on this machine: the ceiling, cifar-cam's real epoch, and the reference loop.
+
+All three run in one process, on the same model (ResNet18 at --width) and --batch-size:
+
+  (a) ceiling    forward + backward + SGD step on resident random tensors: no data pipeline at all
+  (b) cifar-cam  engine.train_one_epoch over augment.build_train_batches, once per aug.backend,
+                 with cifar-cam's defaults (channels_last, torch.compile unless --no-compile,
+                 precision auto: bf16 on CUDA, fp32 on CPU) and the --preset recipe from conf/aug/
+  (c) reference  the loop of the original project: a map-style Dataset applying albumentations per
+                 sample (the same recipe plus Normalize + ToTensorV2) in a DataLoader with workers,
+                 fp32, NCHW, no compile, `.item()` every step
+
+(a) shares (b)'s settings, so b/a is what the data path and the loop cost; b/c is the speed-up over
+the original way of training. Images are synthetic (make_synthetic): throughput does not depend
+on their content, and JPEG decoding happens once, before training, in both projects.
+
+    python scripts/bench.py --device cpu --json bench.json
+    python scripts/bench.py --quick          # seconds: checks that every path runs, measures nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import torch
+from albumentations.pytorch import ToTensorV2
+from omegaconf import OmegaConf
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from cifar_cam.augment import BACKENDS, PRESETS, build_train_batches, build_train_transform
+from cifar_cam.cli import config_dir
+from cifar_cam.data import CIFAR10_MEAN, CIFAR10_STD, ImageArrays, make_synthetic, resolve_num_workers
+from cifar_cam.engine import autocast, resolve_precision, train_one_epoch
+from cifar_cam.models import build_model
+
+NUM_CLASSES = 10
+
+
+def sync(device: torch.device) -> None:
+    """Waits for queued GPU work, so a timer measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def machine(device: torch.device) -> str:
+    """The device in words: GPU name, or CPU model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}, {cores} cores, {torch.get_num_threads()} torch threads"
+
+
+def sgd(model: nn.Module) -> torch.optim.Optimizer:
+    """cifar-cam's default optimizer (conf/optimizer/sgd.yaml), also used by the reference."""
+    cfg = OmegaConf.load(Path(config_dir()) / "optimizer" / "sgd.yaml")
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
+def timed(fn: Callable[[], int], device: torch.device) -> float:
+    """Images per second of fn (which returns the number of images it trained on)."""
+    sync(device)
+    t0 = time.perf_counter()
+    images = fn()
+    sync(device)
+    return images / (time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- (a) ceiling
+
+
+def ceiling(model: nn.Module, batch_size: int, steps: int, warmup: int, device: torch.device,
+            amp_dtype: torch.dtype | None, memory_format: torch.memory_format) -> float:
+    """fwd + bwd + step on one resident random batch: what the model alone can do."""
+    criterion = nn.CrossEntropyLoss()
+    optimizer = sgd(model)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    x = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
+    y = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
+    model.train()
+
+    def step() -> None:
+        with autocast(device, amp_dtype):
+            loss = criterion(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+    for _ in range(warmup):
+        step()
+
+    def run() -> int:
+        for _ in range(steps):
+            step()
+        return steps * batch_size
+
+    return timed(run, device)
+
+
+# ----------------------------------------------------------------------------- (b) cifar-cam
+
+
+def cifar_cam_epoch(model: nn.Module, arrays: ImageArrays, aug: dict[str, Any], *, batch_size: int,
+                    num_workers: int, warmup: int, device: torch.device, amp_dtype: torch.dtype | None) -> float:
+    """One real training epoch through build_train_batches + train_one_epoch, after `warmup` steps."""
+    criterion = nn.CrossEntropyLoss()
+    optimizer = sgd(model)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    batches = build_train_batches(arrays, aug, batch_size=batch_size, num_workers=num_workers, seed=0,
+                                  device=device)
+    log_every = 1 if device.type == "cpu" else 50  # trainer.log_every=auto, as train.py resolves it
+    steps = 0
+
+    def warmed_up() -> bool:
+        nonlocal steps
+        steps += 1
+        return steps >= warmup
+
+    # Warm-up: compilation, DataLoader workers starting; then one whole epoch is timed.
+    batches.set_epoch(0)
+    train_one_epoch(model, batches, optimizer, criterion, device=device, amp_dtype=amp_dtype, scaler=scaler,
+                    log_every=log_every, should_stop=warmed_up)
+    batches.set_epoch(1)
+
+    def run() -> int:
+        result = train_one_epoch(model, batches, optimizer, criterion, device=device, amp_dtype=amp_dtype,
+                                 scaler=scaler, log_every=log_every, epoch=1)
+        return result.totals.count
+
+    return timed(run, device)
+
+
+# ----------------------------------------------------------------------------- (c) reference
+
+
+class ReferenceDataset(Dataset):
+    """Map-style, as in the original project: one albumentations call per image, CHW float out."""
+
+    def __init__(self, arrays: ImageArrays, transform: A.Compose) -> None:
+        self.images, self.labels, self.transform = arrays.images, arrays.labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.transform(image=self.images[i])["image"], int(self.labels[i])
+
+
+def reference_epoch(arrays: ImageArrays, aug: dict[str, Any], *, width: int, batch_size: int, num_workers: int,
+                    warmup: int, device: torch.device) -> float:
+    """The original training loop: per-sample augmentation in workers, fp32 NCHW, .item() every step."""
+    recipe = build_train_transform(aug)
+    transform = A.Compose([*recipe.transforms, A.Normalize(mean=CIFAR10_MEAN, std=CIFAR10_STD), ToTensorV2()])
+    loader = DataLoader(ReferenceDataset(arrays, transform), batch_size=batch_size, shuffle=True,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    model = build_model("resnet18", num_classes=NUM_CLASSES, width=width).to(device)
+    criterion = nn.CrossEntropyLoss()
+    optimizer = sgd(model)
+    model.train()
+
+    def epoch(limit: int | None = None) -> int:
+        seen, running_loss, correct = 0, 0.0, 0
+        for step, (images, labels) in enumerate(loader):
+            images, labels = images.to(device), labels.to(device)
+            optimizer.zero_grad()
+            outputs = model(images)
+            loss = criterion(outputs, labels)
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()
+            correct += (outputs.argmax(1) == labels).sum().item()
+            seen += labels.size(0)
+            if limit is not None and step + 1 >= limit:
+                break
+        return seen
+
+    epoch(limit=warmup)
+    return timed(epoch, device)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--width", type=int, default=64, help="ResNet18 width (64 = the full 11.2M-parameter model)")
+    p.add_argument("--images", type=int, default=2560,
+                   help="training images for (b) and (c); rounded down to whole batches")
+    p.add_argument("--preset", choices=PRESETS, default="seed", help="augmentation recipe (conf/aug/) for (b), (c)")
+    p.add_argument("--backends", default=",".join(BACKENDS), help="aug.backend values to time in (b)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.compile the model in (a) and (b) (trainer.compile)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="channels_last model in (a) and (b) (trainer.channels_last)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="(a) and (b); auto = bf16 on CUDA, fp32 on CPU (trainer.precision)")
+    p.add_argument("--workers", default="auto", help="DataLoader workers of (b)'s albumentations backend")
+    p.add_argument("--reference-workers", type=int, default=2, help="DataLoader workers of (c)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed run")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny settings that run in seconds (width 8, batch 32, 128 images, no compile)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.width, args.batch_size, args.images, args.compile, args.warmup = 8, 32, 128, False, 1
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but CUDA is not available here; use --device cpu")
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in args.backends:
+        if b not in BACKENDS:
+            p.error(f"--backends: {b!r} is not one of {list(BACKENDS)}")
+    if args.batch_size < 1 or args.width < 1 or args.warmup < 1:
+        p.error("--batch-size, --width and --warmup must be >= 1")
+    args.images = max(args.batch_size, args.images // args.batch_size * args.batch_size)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Runs (a), (b) per backend and (c); prints the table and ratios; returns (and writes) the results."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    amp_dtype = resolve_precision(args.precision, device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    arrays, _, _ = make_synthetic(NUM_CLASSES, args.images, 1, 32, seed=0)
+    aug = dict(OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "aug" / f"{args.preset}.yaml")))
+    workers = resolve_num_workers(args.workers if args.workers == "auto" else int(args.workers))
+    steps = args.images // args.batch_size
+
+    model = build_model("resnet18", num_classes=NUM_CLASSES, width=args.width).to(device, memory_format=memory_format)
+    num_params = sum(p.numel() for p in model.parameters())
+    step_model = torch.compile(model) if args.compile else model  # compiled once, shared by (a) and (b)
+    print(f"device: {device} ({machine(device)}), torch {torch.__version__}")
+    print(f"model: ResNet18 width {args.width} ({num_params:,} parameters), batch {args.batch_size}, "
+          f"{args.images} images, precision {amp_dtype or torch.float32}, "
+          f"{'channels_last' if args.channels_last else 'NCHW'}, {'compiled' if args.compile else 'eager'}; "
+          f"aug preset {args.preset}", flush=True)
+
+    results: dict[str, Any] = {}
+    results["ceiling_img_s"] = ceiling(step_model, args.batch_size, steps, args.warmup, device, amp_dtype,
+                                       memory_format)
+    print(f"(a) ceiling (resident random batch)          {results['ceiling_img_s']:9.1f} img/s", flush=True)
+    results["cifar_cam_img_s"] = {}
+    for backend in args.backends:
+        results["cifar_cam_img_s"][backend] = cifar_cam_epoch(
+            step_model, arrays, {**aug, "backend": backend}, batch_size=args.batch_size, num_workers=workers,
+            warmup=args.warmup, device=device, amp_dtype=amp_dtype)
+        print(f"(b) cifar-cam epoch, aug.backend={backend:<15s}{results['cifar_cam_img_s'][backend]:9.1f} img/s",
+              flush=True)
+    results["reference_img_s"] = reference_epoch(arrays, aug, width=args.width, batch_size=args.batch_size,
+                                                 num_workers=args.reference_workers, warmup=args.warmup,
+                                                 device=device)
+    print(f"(c) reference loop ({args.reference_workers} workers)                "
+          f"{results['reference_img_s']:9.1f} img/s")
+
+    results["ratio_to_ceiling"] = {b: v / results["ceiling_img_s"] for b, v in results["cifar_cam_img_s"].items()}
+    results["ratio_to_reference"] = {b: v / results["reference_img_s"] for b, v in results["cifar_cam_img_s"].items()}
+    for b in args.backends:
+        print(f"aug.backend={b}: b/a = {results['ratio_to_ceiling'][b]:.3f}   "
+              f"b/c = {results['ratio_to_reference'][b]:.3f}")
+    results["settings"] = {
+        "device": str(device), "machine": machine(device), "torch": torch.__version__,
+        "python": platform.python_version(), "batch_size": args.batch_size, "width": args.width,
+        "num_params": num_params, "images": args.images, "preset": args.preset, "backends": args.backends,
+        "compile": args.compile, "channels_last": args.channels_last,
+        "precision": str(amp_dtype or torch.float32).removeprefix("torch."), "workers": workers,
+        "reference_workers": args.reference_workers, "warmup": args.warmup, "quick": args.quick,
+    }
+    results["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    results["command"] = " ".join(["scripts/bench.py", *(sys.argv[1:] if argv is None else argv)])
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Step cost paths on CPU: bf16 / fp16 autocast, GradScaler, channels_last, torch.compile's wrapper."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from cifar_cam.augment import build_train_batches
+from cifar_cam.data import make_synthetic
+from cifar_cam.engine import (
+    autocast,
+    input_memory_format,
+    predict,
+    resolve_precision,
+    train_one_epoch,
+)
+from cifar_cam.models import build_model
+from conftest import TINY, compose_cfg
+
+CPU = torch.device("cpu")
+CROP = {"preset": "crop_flip", "backend": "torch", "pad": 4, "hflip_p": 0.5, "cutout_size": 8, "cutout_p": 0.5}
+
+
+def autocast_works(dtype: torch.dtype) -> bool:
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            return nn.Linear(2, 2)(torch.ones(1, 2)).dtype == dtype
+    except (RuntimeError, AssertionError):
+        return False
+
+
+def setup(width: int = 8, channels_last: bool = True, n: int = 96, seed: int = 0):
+    torch.manual_seed(seed)
+    train, _, _ = make_synthetic(10, n, 1, 32, seed=seed)
+    batches = build_train_batches(train, CROP, batch_size=32, num_workers=0, seed=seed, device=CPU)
+    model = build_model("resnet18", num_classes=10, width=width)
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    return model, batches, optimizer
+
+
+class Recorder:
+    """Forward hooks that note the dtype of conv outputs and the layout of the model's input."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.conv_dtypes: set[torch.dtype] = set()
+        self.input_channels_last: list[bool] = []
+        model.conv1.register_forward_hook(self._conv)
+        model.layer4[-1].conv2.register_forward_hook(self._conv)
+        model.register_forward_pre_hook(self._input)
+
+    def _conv(self, module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+        self.conv_dtypes.add(out.dtype)
+
+    def _input(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        x = args[0]
+        self.input_channels_last.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+
+
+def test_resolve_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_precision("auto", CPU) is None  # fp32 on CPU: bf16 is slower without AMX
+    assert resolve_precision("fp32", CPU) is None
+    assert resolve_precision("bf16", CPU) is torch.bfloat16
+    assert resolve_precision("fp16", CPU) is torch.float16
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", cuda) is torch.float16  # pre-Ampere: fp16 + GradScaler
+    assert resolve_precision("fp32", cuda) is None
+
+
+@pytest.mark.skipif(not autocast_works(torch.bfloat16), reason="this torch has no bf16 autocast on CPU")
+def test_bf16_autocast_trains_on_cpu() -> None:
+    model, batches, optimizer = setup()
+    rec = Recorder(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    batches.set_epoch(1)
+    result = train_one_epoch(model, batches, optimizer, nn.CrossEntropyLoss(), device=CPU, amp_dtype=torch.bfloat16)
+    totals = result.totals
+    assert rec.conv_dtypes == {torch.bfloat16}  # the convolutions ran in bf16...
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # ...the weights stayed fp32
+    assert totals.count == 96 and totals.step == 3 and torch.isfinite(torch.tensor(totals.loss))
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True) if a.dim() == 4)
+    # bf16 and fp32 give the same loss to bf16's ~3 significant digits, not bit for bit
+    x, y = next(iter(batches))
+    model.eval()
+    with torch.no_grad():
+        fp32 = nn.functional.cross_entropy(model(x), y)
+        with autocast(CPU, torch.bfloat16):
+            bf16 = nn.functional.cross_entropy(model(x), y)
+    assert bf16.dtype == torch.float32  # cross-entropy autocasts to fp32
+    assert abs(bf16.item() - fp32.item()) < 0.05 * fp32.item() and bf16.item() != fp32.item()
+
+
+@pytest.mark.skipif(not autocast_works(torch.float16), reason="this torch has no fp16 autocast on CPU")
+def test_fp16_autocast_with_grad_scaler_on_cpu() -> None:
+    model, batches, optimizer = setup()
+    rec = Recorder(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = [p.detach().clone() for p in model.parameters()]
+    batches.set_epoch(1)
+    totals = train_one_epoch(model, batches, optimizer, nn.CrossEntropyLoss(), device=CPU,
+                             amp_dtype=torch.float16, scaler=scaler).totals
+    assert rec.conv_dtypes == {torch.float16}
+    assert totals.count == 96 and torch.isfinite(torch.tensor(totals.loss))
+    assert 0 < scaler.get_scale() <= 2.0**10
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True) if a.dim() == 4)
+
+
+@pytest.mark.skipif(not autocast_works(torch.bfloat16), reason="this torch has no bf16 autocast on CPU")
+def test_predict_in_bf16_with_tta_returns_float32_logits() -> None:
+    model, batches, _ = setup()
+    batches.set_epoch(0)
+    fp32 = predict(model, batches, device=CPU)
+    bf16 = predict(model, batches, device=CPU, amp_dtype=torch.bfloat16, tta=True)
+    assert bf16.logits.dtype == torch.float32 and bf16.logits.shape == fp32.logits.shape == (96, 10)
+    assert torch.equal(bf16.labels, fp32.labels)
+    assert (bf16.logits - fp32.logits).abs().max() < 0.5  # bf16 and mirror TTA: close, not equal
+    assert not torch.equal(bf16.logits, fp32.logits)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_batches_follow_the_models_memory_format(channels_last: bool) -> None:
+    """trainer.channels_last=false really runs NCHW: the batches (channels_last) are laid out like the model."""
+    model, batches, optimizer = setup(channels_last=channels_last, n=64)
+    assert input_memory_format(model) == (torch.channels_last if channels_last else torch.contiguous_format)
+    rec = Recorder(model)
+    batches.set_epoch(0)
+    train_one_epoch(model, batches, optimizer, nn.CrossEntropyLoss(), device=CPU)
+    predict(model, batches, device=CPU)
+    assert rec.input_channels_last == [channels_last] * 4
+
+
+def test_cli_trains_in_bf16_with_the_torch_backend(tmp_path: Path) -> None:
+    from cifar_cam.tasks.train import train
+
+    run = tmp_path / "run"
+    cfg = compose_cfg("train", [*TINY, "trainer.precision=bf16", "aug.backend=torch", "aug=crop_flip"], run_dir=run)
+    train(cfg)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["epochs_run"] == 2 and 0 <= summary["test_acc"] <= 1
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["config"]["trainer"]["precision"] == "bf16"
+
+
+def test_compiled_training_saves_the_plain_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.compile=true wraps the model; checkpoints must hold the unwrapped keys (no `_orig_mod.`).
+
+    Dynamo's 'eager' backend keeps the wrapper and the tracing but skips the C++ build (a minute on
+    this CPU); the inductor run is test_compiled_training_with_inductor (slow).
+    """
+    from cifar_cam.tasks.train import train
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    run = tmp_path / "run"
+    train(compose_cfg("train", [*TINY, "trainer.compile=true", "aug.backend=torch"], run_dir=run))
+    ckpt = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    fresh = build_model("resnet18", num_classes=10, width=8)
+    fresh.load_state_dict(ckpt["model"])  # strict: every key of the plain module
+    assert 0 <= json.loads((run / "summary.json").read_text())["test_acc"] <= 1
+
+
+@pytest.mark.slow
+def test_compiled_training_with_inductor(tmp_path: Path) -> None:
+    """The real torch.compile (inductor, C++ on CPU) through train: about a minute here."""
+    from cifar_cam.tasks.train import train
+
+    run = tmp_path / "run"
+    train(compose_cfg("train", [*TINY, "trainer.compile=true", "aug.backend=torch", "trainer.epochs=1"],
+                      run_dir=run))
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    assert 0 <= json.loads((run / "summary.json").read_text())["test_acc"] <= 1
+
+
+# ----------------------------------------------------------------------------- the speed presets
+
+
+@pytest.mark.parametrize("preset", ["fast", "cpu_quick"])
+def test_speed_presets_compose_validate_and_compile_one_graph(preset: str) -> None:
+    from cifar_cam.config import validate
+
+    cfg = compose_cfg("train", [f"experiment={preset}", "data=folder", "data.root=/nowhere.tar.gz"])
+    validate(cfg, "train")
+    assert cfg.aug.preset == "crop_flip" and cfg.aug.backend == "torch"
+    assert cfg.scheduler._target_.endswith("OneCycleLR") and cfg.scheduler.interval == "step"
+    assert cfg.trainer.compile and cfg.trainer.channels_last and cfg.eval.tta
+    assert cfg.trainer.label_smoothing > 0 and cfg.trainer.early_stopping.patience is None
+    # all 50,000 CIFAR-10 training images in whole batches: no partial batch, so no second compiled graph
+    assert cfg.data.val_size == 0 and 50_000 % cfg.data.batch_size == 0
+    assert cfg.model.width == {"fast": 64, "cpu_quick": 16}[preset]
+    assert cfg.trainer.precision == {"fast": "auto", "cpu_quick": "fp32"}[preset]
