@@ -96,8 +96,10 @@ def plot_image_grid(images: np.ndarray, titles: Sequence[str], path: str | Path,
 
 
 def plot_report(labels: Sequence[str], val_accs: Sequence[Sequence[float | None]],
-                test_accs: Sequence[Sequence[float | None]], path: str | Path, title: str = "") -> Path:
-    """Val and test accuracy per config: each seed a point, the mean a bar with ± std (sample) whiskers."""
+                test_accs: Sequence[Sequence[float | None]], path: str | Path, title: str = "",
+                failed: Sequence[int] | None = None) -> Path:
+    """Val and test accuracy per config: each seed a point, the mean a bar with ± std (sample) whiskers;
+    `failed[i]` jobs of config i without results are noted under it."""
     n = len(labels)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * n + 2), 4.8))
     for offset, series, name, color in ((-0.17, val_accs, "val (best epoch)", "tab:blue"),
@@ -115,7 +117,11 @@ def plot_report(labels: Sequence[str], val_accs: Sequence[Sequence[float | None]
             ax.errorbar(x, points.mean(), yerr=std, fmt="_", color=color, markersize=22, capsize=5, zorder=4)
     ax.set_xticks(range(n), [_wrap(label) for label in labels], rotation=30 if n > 4 else 0,
                   ha="right" if n > 4 else "center", fontsize=8)
-    ax.set(ylabel="accuracy (%)", title=title, xlim=(-0.6, n - 0.4))
+    for i, count in enumerate(failed or []):
+        if count:
+            ax.text(i, 0.02, f"{count} without results", transform=ax.get_xaxis_transform(), ha="center",
+                    color="tab:red", fontsize=9)
+    ax.set(ylabel="accuracy (%): a point a seed, bar = mean ± std", title=title, xlim=(-0.6, n - 0.4))
     ax.grid(axis="y", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)

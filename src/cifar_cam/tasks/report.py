@@ -294,6 +294,7 @@ def report(paths: Sequence[str | Path], out: str | Path | None = None) -> Path:
         [[(j.summary or {}).get("best_val_acc") for j in g.done] for g in groups],
         [[(j.summary or {}).get("test_acc") for j in g.done] for g in groups],
         out_dir / "report.png",
+        failed=[len(g.jobs) - len(g.done) for g in groups],
         title=title + (f"; {len(jobs) - done} without results (see report.csv)" if done < len(jobs) else ""),
     )
     print_tables(groups, jobs, common, title)
