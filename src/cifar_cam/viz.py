@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 DPI = 100
 
@@ -42,15 +43,20 @@ def plot_curves(rows: Sequence[dict[str, float]], path: str | Path) -> Path:
     if any(v is not None for v in val):
         ax.plot(epochs, [None if v is None else 100 * v for v in val], "o-", ms=3, label="val")
         best = int(np.nanargmax([np.nan if v is None else v for v in val]))
-        ax.annotate(f"best {100 * val[best]:.2f}% (epoch {epochs[best]})", (epochs[best], 100 * val[best]),
-                    textcoords="offset points", xytext=(0, -18), ha="center", fontsize=9)
+        # the best epoch in the legend, not as floating text that can cover the curves
+        ax.plot([epochs[best]], [100 * val[best]], "o", ms=9, mfc="none", mec="tab:red",
+                label=f"best val {100 * val[best]:.2f}% (epoch {epochs[best]})")
     ax.set(title="accuracy", xlabel="epoch", ylabel="%")
     ax.legend()
     ax = axes[2]
-    ax.plot(epochs, [r["lr"] for r in rows], "o-", ms=3, color="tab:purple")
-    ax.set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log")
+    lrs = np.array([r["lr"] for r in rows], dtype=float)
+    ax.plot(epochs, lrs, "o-", ms=3, color="tab:purple")
+    # log scale shows step decays (plateau); a schedule within one decade (onecycle, cosine) reads better linear
+    log_scale = bool(np.all(lrs > 0) and lrs.max() / lrs.min() >= 10)
+    ax.set(title="learning rate (end of epoch)", xlabel="epoch", yscale="log" if log_scale else "linear")
     for a in axes:
         a.grid(alpha=0.3)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return _save(fig, path)
 
@@ -71,8 +77,8 @@ def plot_confusion_matrix(confusion: np.ndarray, classes: Sequence[str], path: s
                 ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=8,
                         color="white" if rates[i, j] > 0.5 else "black")
     ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
+    ax.set_yticks(range(n), [f"{name} {100 * rates[i, i]:.1f}%" for i, name in enumerate(classes)])
+    ax.set(xlabel="predicted", ylabel="true (and its accuracy)", title=title)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -90,8 +96,11 @@ def plot_image_grid(images: np.ndarray, titles: Sequence[str], path: str | Path,
             ax.imshow(images[i], interpolation="bicubic")
             ax.set_title(titles[i], fontsize=9, color=(title_colors[i] if title_colors else "black"))
     if suptitle:
-        fig.suptitle(suptitle)
-    fig.tight_layout()
+        height = fig.get_size_inches()[1]
+        fig.suptitle(suptitle, y=1 - 0.06 / height, va="top")
+        fig.tight_layout(rect=(0, 0, 1, 1 - 0.36 / height))  # room for the suptitle above the first titles
+    else:
+        fig.tight_layout()
     return _save(fig, path)
 
 
@@ -175,7 +184,7 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], path: str | Path
     if note:
         ax.text(0.0, -0.13, note, transform=ax.transAxes, fontsize=9, color="tab:red", va="top", wrap=True)
     if len(lrs):
-        ax.legend(loc="upper left", fontsize=9)
+        ax.legend(loc="best", fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
