@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cifar_cam.errors import ConfigError
 from cifar_cam.tasks.report import find_jobs, mean_std, report, why_unfinished
@@ -144,3 +145,21 @@ def test_report_refuses_a_dir_without_runs(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         f"cifar-cam report: error: {tmp_path / 'missing'} is not a directory; "
         "pass sweep dirs (multirun/train/<time>) or run dirs"]
+
+
+def test_jobs_a_stopped_sweep_never_started_are_listed(tmp_path: Path) -> None:
+    sweep = tmp_path / "multirun" / "train" / "stopped"
+    fake_run(sweep / "0", ["aug=none", "seed=1"], 1, summary(0.80, 0.79))
+    fake_run(sweep / "1", ["aug=none", "seed=2"], 2, None, "[10:00:00][INFO] epoch 1/50  train loss 2.1\n")
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"},
+        "job": {"name": "train"}, "sweep": {"subdir": "${hydra.job.num}"},
+        "overrides": {"task": ["aug=none,crop_flip", "seed=1,2"]}}}))
+    out = report([sweep])
+    assert out == sweep
+    rows = read_csv(sweep / "report.csv")
+    assert [(r["job"], r["status"], r["group"], r["seed"]) for r in rows] == [
+        ("0", "done", "aug=none", "1"), ("1", "unfinished", "aug=none", "2"),
+        ("2", "not started", "aug=crop_flip", "1"), ("3", "not started", "aug=crop_flip", "2")]
+    groups = {g["group"]: (g["n"], g["failed"]) for g in read_csv(sweep / "report_groups.csv")}
+    assert groups == {"aug=none": ("1", "1"), "aug=crop_flip": ("0", "2")}

@@ -41,7 +41,7 @@ class Job:
     overrides: list[str]
     seed: int | None
     summary: dict[str, Any] | None
-    status: str                     # done | failed | unfinished
+    status: str                     # done | failed | unfinished | not started
     reason: str = ""                # for failed / unfinished jobs: the log's last error or last line
     group: str = ""                 # the overrides that set this job apart from the others, seed excluded
 
@@ -124,6 +124,31 @@ def why_unfinished(path: Path) -> tuple[str, str]:
         return "unfinished", f"{logs[0].name} is empty: killed at start, or still starting"
     last = lines[-1].split("[INFO]", 1)[-1].strip()
     return "unfinished", f"killed or still running; last log line: {last}"
+
+
+def never_started(sweep_dir: Path, job_dirs: Sequence[Path]) -> list[Job]:
+    """Jobs of a grid sweep (basic sweeper: multirun.yaml) that have no directory: the sweep stopped before them."""
+    multirun = sweep_dir / "multirun.yaml"
+    if not multirun.is_file():
+        return []
+    hydra = (yaml.safe_load(multirun.read_text()) or {}).get("hydra", {})
+    if not str(hydra.get("sweeper", {}).get("_target_", "")).endswith("BasicSweeper") or \
+            hydra.get("job", {}).get("name") != "train" or hydra.get("sweep", {}).get("subdir") != "${hydra.job.num}":
+        return []
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(hydra.get("overrides", {}).get("task", [])))
+    expected = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    present = {d.resolve() for d in job_dirs}
+    missing = []
+    for number, overrides in enumerate(expected):
+        path = sweep_dir / str(number)
+        if path.resolve() not in present:
+            seed = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("seed=")), None)
+            missing.append(Job(path, list(overrides), seed, None, "not started",
+                               "no job dir: the sweep stopped before this job (Ctrl-C, a killed launcher)"))
+    return missing
 
 
 def _is_config_override(override: str) -> bool:
@@ -278,6 +303,8 @@ def report(paths: Sequence[str | Path], out: str | Path | None = None) -> Path:
 
     job_dirs = find_jobs(paths)
     jobs = [job for job in (read_job(d) for d in job_dirs) if job is not None]
+    for path in paths:
+        jobs += never_started(Path(path), job_dirs)
     if not jobs:
         raise ConfigError(f"no train runs in {' '.join(map(str, paths))} (found only other commands' run dirs)")
     groups, common = group_jobs(jobs)
