@@ -20,15 +20,20 @@ from collections.abc import Callable
 import torch
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of `fn` over `repeats` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+def median_seconds(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median wall time of each function over `repeats` rounds, after one warm-up call each.
+
+    The functions take turns within each round, so load from other processes hits all of them alike.
+    """
+    times: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times, strict=True):
+            started = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - started)
+    return [statistics.median(bucket) for bucket in times]
 
 
 def main() -> None:
@@ -45,7 +50,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=25)
     parser.add_argument("--layers", nargs="+", default=["layer3", "layer4"])
     parser.add_argument("--method", choices=["gradcam", "gradcam++"], default="gradcam")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -76,9 +81,12 @@ def main() -> None:
     print(f"ResNet18 ({sum(p.numel() for p in model.parameters()):,} parameters), {args.images} images, "
           f"{args.method} at {', '.join(args.layers)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"max |ours - pytorch-grad-cam| = {diff:.1e}")
-    t_ours = median_seconds(ours, args.repeats)
-    t_once = median_seconds(reference_once, args.repeats)
-    t_ref = median_seconds(reference, args.repeats)
+    def forward() -> object:
+        with torch.no_grad():
+            return model(images)
+
+    t_forward, t_ours, t_once, t_ref = median_seconds([forward, ours, reference_once, reference], args.repeats)
+    print(f"  forward pass alone (no_grad), for scale                      {t_forward:6.3f} s")
     print(f"  cifar-cam GradCAM (one forward, autograd.grad to the layers)  {t_ours:6.3f} s")
     print(f"  pytorch-grad-cam, all layers in one call (one averaged map)  {t_once:6.3f} s  ({t_once / t_ours:.1f}x)")
     print(f"  pytorch-grad-cam, one call per layer (a map per layer)       {t_ref:6.3f} s  ({t_ref / t_ours:.1f}x)")

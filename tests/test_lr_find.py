@@ -138,6 +138,14 @@ def test_start_from_a_checkpoint(trained_run: Path, tmp_path: Path, caplog: pyte
     assert any("starting from the weights of" in r.getMessage() for r in caplog.records)
 
 
+def test_on_device_augmentation_backend(tmp_path: Path) -> None:
+    cfg = compose_cfg("lr-find", [*TINY, "aug.backend=torch", "lr_find.num_iter=8"], run_dir=tmp_path)
+    lr_find(cfg)
+    result = json.loads((tmp_path / "lr_find.json").read_text())
+    assert result["steps"] == 8 and result["suggested_lr"] is None  # 8 points: too few to suggest
+    assert "lr_find.num_iter=8 gives only 8 points" in result["note"]
+
+
 def test_train_command_keeps_the_overrides_that_shape_training() -> None:
     command = train_command(0.0123456, ["data=folder", "data.root=/my data", "lr_find.num_iter=50",
                                         "optimizer.lr=1", "hydra.run.dir=x", "ckpt=run", "model.width=16"])

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch_lr_finder import LRFinder, TrainDataLoaderIter
 
 from cifar_cam import viz
-from cifar_cam.augment import LoaderBatches, build_train_batches
+from cifar_cam.augment import TrainBatches, build_train_batches
 from cifar_cam.checkpoint import model_from_checkpoint
 from cifar_cam.config import validate
 from cifar_cam.data import resolve_num_workers
@@ -82,7 +82,7 @@ class _NonFiniteLoss(Exception):
 class BatchesIter(TrainDataLoaderIter):
     """torch-lr-finder's view of our training batches (normalized, on the device): a new epoch when they run out."""
 
-    def __init__(self, batches: LoaderBatches, finder: LRFinder, on_step: Callable[[int], None] | None = None) -> None:
+    def __init__(self, batches: TrainBatches, finder: LRFinder, on_step: Callable[[int], None] | None = None) -> None:
         self.epoch = 0
         batches.set_epoch(self.epoch)
         super().__init__(batches, auto_reset=True)
@@ -125,7 +125,7 @@ def steepest_gradient_lr(lrs: Sequence[float], losses: Sequence[float], skip_sta
 
 
 def run_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, criterion: nn.Module,
-                   batches: LoaderBatches, *, device: torch.device, start_lr: float, end_lr: float,
+                   batches: TrainBatches, *, device: torch.device, start_lr: float, end_lr: float,
                    num_iter: int, smooth_f: float = 0.05, diverge_th: float = 5.0,
                    amp_dtype: torch.dtype | None = None,
                    on_step: Callable[[int, float, float], None] | None = None) -> RangeTest:
@@ -175,7 +175,7 @@ def train_command(lr: float, overrides: Sequence[str]) -> str:
     return " ".join(["cifar-cam train", *map(shlex.quote, keep), f"optimizer.lr={lr:.3g}"])
 
 
-def range_test_to_files(cfg: DictConfig, model: nn.Module, batches: LoaderBatches, criterion: nn.Module,
+def range_test_to_files(cfg: DictConfig, model: nn.Module, batches: TrainBatches, criterion: nn.Module,
                         device: torch.device, out: Path) -> RangeTest:
     """Runs the configured range test with a throwaway optimizer; writes lr_find.json and lr_find.png to `out`."""
     lf = cfg.lr_find
@@ -237,7 +237,7 @@ def range_test_to_files(cfg: DictConfig, model: nn.Module, batches: LoaderBatche
     return result
 
 
-def _build(cfg: DictConfig) -> tuple[nn.Module, LoaderBatches, nn.Module, torch.device, DictConfig]:
+def _build(cfg: DictConfig) -> tuple[nn.Module, TrainBatches, nn.Module, torch.device, DictConfig]:
     payload = None
     if cfg.get("ckpt"):
         payload, cfg = checkpoint_and_config(cfg, "lr-find")
@@ -270,7 +270,7 @@ def lr_find(cfg: DictConfig) -> float:
     return float("nan") if result.suggested_lr is None else result.suggested_lr
 
 
-def suggest_lr_for_training(cfg: DictConfig, model: nn.Module, batches: LoaderBatches, criterion: nn.Module,
+def suggest_lr_for_training(cfg: DictConfig, model: nn.Module, batches: TrainBatches, criterion: nn.Module,
                             device: torch.device, out: Path) -> float:
     """optimizer.lr=auto: the range test in the train run dir (lr_find.png/json); returns the suggested LR.
 
