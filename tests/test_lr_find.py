@@ -163,7 +163,15 @@ def test_train_with_lr_auto(tmp_path: Path) -> None:
     lr = float(f"{found['suggested_lr']:.3g}")
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["config"]["optimizer"]["lr"] == lr
     with (tmp_path / "metrics.csv").open() as f:
-        assert float(next(csv.DictReader(f))["lr"]) == lr  # the optimizer trained with it
+        auto_rows = list(csv.DictReader(f))
+    assert float(auto_rows[0]["lr"]) == lr  # the optimizer trained with it
+    # and the range test left no trace: training exactly as if that LR had been typed in
+    typed = tmp_path / "typed"
+    train(compose_cfg("train", [*TINY, "trainer.epochs=1", f"optimizer.lr={lr}", "scheduler=none"], run_dir=typed))
+    with (typed / "metrics.csv").open() as f:
+        typed_rows = list(csv.DictReader(f))
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+        assert [r[key] for r in auto_rows] == [r[key] for r in typed_rows], key
 
 
 def test_cli_prints_the_train_command(tmp_path: Path) -> None:
