@@ -50,10 +50,10 @@ def gradcam(cfg: DictConfig) -> float:
     g = cfg.gradcam
     layers = [str(name) for name in g.target_layers]
     device = setup_runtime(cfg)
+    model = model_from_checkpoint(payload).to(device, memory_format=torch.channels_last).eval()
+    resolve_layers(model, layers)  # unknown layer names fail before the data loads, not after the test pass
     splits = load_data(cfg)
     check_classes(payload, splits)
-    model = model_from_checkpoint(payload).to(device, memory_format=torch.channels_last).eval()
-    resolve_layers(model, layers)  # unknown layer names fail before the test pass, not after it
     classes = splits.classes
 
     started = time.perf_counter()
