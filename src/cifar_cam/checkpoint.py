@@ -32,6 +32,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; a checkpoint gets the usual mode
         with os.fdopen(fd, "wb") as f:
             torch.save({"format": FORMAT, **payload}, f)
             f.flush()
@@ -45,6 +46,20 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Deletes the temp files of checkpoint writes a kill cut short (`.<name>.pt.*.tmp`); returns them."""
+    stale = sorted(Path(directory).glob(".*.pt.*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def resolve_checkpoint(ckpt: str | Path, prefer: str = "best") -> Path:

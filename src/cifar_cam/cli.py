@@ -85,22 +85,35 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return overrides, flags
 
 
-def _first_of_sweeps(overrides: list[str]) -> list[str]:
-    """One job's overrides out of a sweep (its first value of each swept key), for the pre-check."""
+def _sweep_variants(overrides: list[str], limit: int = 100) -> list[list[str]]:
+    """Jobs that together use every value of every swept key once (not the whole product), for the pre-check.
+
+    The first holds the first value of each swept key; each further one changes one key to another value.
+    """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
-    single = []
+    first: list[str] = []
+    swept: list[tuple[int, str, list[str]]] = []
     for o in parsed:
         if o.is_sweep_override():
             try:
-                value = next(iter(o.sweep_string_iterator()))
+                values = list(o.sweep_string_iterator())
             except Exception:  # interval() sweeps (Optuna) cannot be enumerated: check the rest
                 continue
-            single.append(f"{o.get_key_element()}={value}")
+            if not values:
+                continue
+            swept.append((len(first), o.get_key_element(), values))
+            first.append(f"{o.get_key_element()}={values[0]}")
         else:
-            single.append(o.input_line)
-    return single
+            first.append(o.input_line)
+    variants = [first]
+    for position, key, values in swept:
+        for value in values[1:]:
+            variant = list(first)
+            variant[position] = f"{key}={value}"
+            variants.append(variant)
+    return variants[:limit]
 
 
 def _all_keys(cfg: Any, prefix: str = "") -> list[str]:
@@ -155,25 +168,46 @@ def precheck(command: str, overrides: list[str]) -> Any:
 
     from cifar_cam.config import validate
     from cifar_cam.data import check_root
+    from cifar_cam.engine import resolve_device
 
     config_name = COMMANDS[command][0]
+    checked: set[tuple[str, str]] = set()  # (what, path): data roots and checkpoints are checked once
+    first_cfg = None
     try:
-        single = _first_of_sweeps(overrides)
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name=command):
-            cfg = compose(config_name, overrides=single)
+        variants = _sweep_variants(overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         fail(command, explain_hydra_error(e, config_name, overrides))
-    try:
-        validate(cfg, command)
-        if cfg.data.source == "folder":
-            check_root(cfg.data.root)
-        if cfg.get("ckpt"):
-            from cifar_cam.checkpoint import resolve_checkpoint
+    for single in variants:
+        try:
+            with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name=command):
+                cfg = compose(config_name, overrides=single)
+        except (HydraException, OmegaConfBaseException, ValueError) as e:
+            fail(command, explain_hydra_error(e, config_name, overrides))
+        first_cfg = cfg if first_cfg is None else first_cfg
+        try:
+            validate(cfg, command)
+            resolve_device(cfg.trainer.device)
+            if cfg.data.source == "folder" and ("root", str(cfg.data.root)) not in checked:
+                check_root(cfg.data.root)
+                checked.add(("root", str(cfg.data.root)))
+            if cfg.get("ckpt") and ("ckpt", str(cfg.ckpt)) not in checked:
+                check_checkpoint(command, cfg, single)
+                checked.add(("ckpt", str(cfg.ckpt)))
+        except CifarCamError as e:
+            fail(command, str(e), e.exit_code)
+    return first_cfg
 
-            resolve_checkpoint(cfg.ckpt, prefer="last" if command == "train" else "best")
-    except CifarCamError as e:
-        fail(command, str(e), e.exit_code)
-    return cfg
+
+def check_checkpoint(command: str, cfg: Any, overrides: list[str]) -> None:
+    """`ckpt=` before any work: readable, ours, weights that fit; for train, a resume that can continue."""
+    from cifar_cam.checkpoint import load_checkpoint, model_from_checkpoint
+
+    if command == "train":
+        from cifar_cam.tasks.train import resume_config
+
+        resume_config(cfg, overrides)
+    else:
+        model_from_checkpoint(load_checkpoint(cfg.ckpt, prefer="best"))
 
 
 def inherit_choices(command: str, overrides: list[str]) -> list[str]:
@@ -216,8 +250,12 @@ def _quote(path: Path | str) -> str:
     return text if all(c.isalnum() or c in "/._-:" for c in text) else "'" + text.replace("'", "\\'") + "'"
 
 
+# Jobs of this process's sweep that failed: (job number, its run dir, message, exit code).
+FAILED_JOBS: list[tuple[int, str, str, int]] = []
+
+
 def task_entry(command: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """Wraps a task: errors become one line + exit code (or a failed job inside a sweep)."""
+    """Wraps a task: errors become one line + exit code; in a sweep, a failed job is noted and the rest run."""
 
     def task(cfg: Any) -> Any:
         from hydra.core.hydra_config import HydraConfig
@@ -228,8 +266,11 @@ def task_entry(command: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
             return fn(cfg)
         except CifarCamError as e:
             log.error("%s", e, extra={"file_only": True})
-            if multirun:
-                raise
+            if multirun and e.exit_code < 128:  # a signal (exit 128 + n) stops the whole sweep
+                job = HydraConfig.get().job
+                FAILED_JOBS.append((job.num, HydraConfig.get().runtime.output_dir, str(e), e.exit_code))
+                log.warning("job #%d failed: %s", job.num, e)
+                return float("nan")  # what a sweeper (Optuna) records for a failed trial
             fail(command, str(e), e.exit_code)
         except KeyboardInterrupt:
             log.error("interrupted", extra={"file_only": True})
@@ -270,6 +311,13 @@ def report_main(args: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `cifar-cam` console script."""
+    try:
+        _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before a task started (or after it ended): nothing to save
+        fail(None, "interrupted", 130)
+
+
+def _main(argv: list[str] | None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     listing = "\n".join(f"  {name:<9} {text}" for name, (_, _, text) in COMMANDS.items())
     listing += f"\n  {'report':<9} {REPORT_HELP}"
@@ -320,6 +368,11 @@ def main(argv: list[str] | None = None) -> None:
     # Flags first: Hydra's argparse refuses overrides on both sides of a flag (`a=1 -m b=2`).
     sys.argv = [f"cifar-cam {command}", *flag_args, *overrides, *extra]
     hydra.main(config_path=config_dir(), config_name=config_name, version_base="1.3")(task_entry(command, fn))()
+    if FAILED_JOBS:
+        num, job_dir, message, _ = FAILED_JOBS[0]
+        more = f" (and {len(FAILED_JOBS) - 1} more, see their {command}.log)" if len(FAILED_JOBS) > 1 else ""
+        fail(command, f"{len(FAILED_JOBS)} job(s) of the sweep failed, the others ran; job #{num} "
+             f"({job_dir}): {message}{more}", max(code for *_, code in FAILED_JOBS))
 
 
 if __name__ == "__main__":

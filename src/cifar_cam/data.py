@@ -176,9 +176,8 @@ def _cache_dir() -> Path:
     return Path(base)
 
 
-def load_folder(root: str, image_size: int = 32, cache: bool = True) -> tuple[ImageArrays, ImageArrays, list[str]]:
-    """An ImageFolder tree (`root/{train,test}/<class>/*`), or a .tar.gz of one, decoded once."""
-    reader = _FolderReader(root)
+def _split_files(reader: _FolderReader, root: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """The image files of train/ and test/ by class; both must have the same non-empty class folders."""
     train_files = _class_files(reader.names, "train", root)
     test_files = _class_files(reader.names, "test", root)
     if list(train_files) != list(test_files):
@@ -188,6 +187,13 @@ def load_folder(root: str, image_size: int = 32, cache: bool = True) -> tuple[Im
             f"train/ and test/ of {root!r} have different classes (only in train: {only_train}, "
             f"only in test: {only_test}); both need the same class folders"
         )
+    return train_files, test_files
+
+
+def load_folder(root: str, image_size: int = 32, cache: bool = True) -> tuple[ImageArrays, ImageArrays, list[str]]:
+    """An ImageFolder tree (`root/{train,test}/<class>/*`), or a .tar.gz of one, decoded once."""
+    reader = _FolderReader(root)
+    train_files, test_files = _split_files(reader, root)
     classes = list(train_files)
     cache_file = _cache_dir() / f"folder-{reader.fingerprint()}-{image_size}.npz"
     if cache and cache_file.exists():
@@ -342,5 +348,5 @@ def resolve_num_workers(num_workers: int | str) -> int:
 
 
 def check_root(root: str) -> None:
-    """Cheap checks of a folder data root before any work starts (the full check runs on load)."""
-    _FolderReader(root)
+    """Checks a folder data root's layout before any work starts: names only (images are decoded on load)."""
+    _split_files(_FolderReader(root), root)

@@ -81,7 +81,8 @@ def setup_runtime(cfg: DictConfig) -> torch.device:
         log.info("torch threads: %d (trainer.num_threads=%s)", threads, cfg.trainer.get("num_threads", "auto"))
     if cfg.trainer.get("deterministic", False):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns
+        torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -1,0 +1,218 @@
+"""Crash safety through the real CLI: SIGKILL / SIGINT / SIGTERM, exact resume, divergence, determinism.
+
+Every run here is a subprocess on CPU with one thread (results are bit-identical for a fixed thread
+count; the CPU is shared, and one thread is also the fastest there). A resumed run must end with the
+same metrics.csv as an uninterrupted one, bit for bit, apart from the `seconds` column.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, run_cli
+
+# 128 training images in batches of 32: 4 steps an epoch, 3 epochs.
+STEPS_PER_EPOCH = 4
+EPOCHS = 3
+ARGS = [a for a in TINY if not a.startswith(("trainer.epochs=", "data.train_size="))] + [
+    "data.train_size=160", f"trainer.epochs={EPOCHS}"]
+ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+HOOKS = REPO / "tests" / "train_hooks.py"
+WAIT = 300  # seconds: only a guard against a hung test, never a threshold a result depends on
+
+
+def metrics(run: Path) -> list[dict[str, str]]:
+    """metrics.csv rows without the timing column."""
+    with (run / "metrics.csv").open() as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def load(path: Path) -> dict:
+    """A checkpoint as torch.load(weights_only=True) reads it: it must never be torn."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = load(a)["model"], load(b)["model"]
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def train(run: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`cifar-cam train` (a fresh run into `run`, or a resume when `extra` holds ckpt=)."""
+    where = [] if any(a.startswith("ckpt=") for a in extra) else [*ARGS, f"hydra.run.dir={run}"]
+    return run_cli("train", *where, *extra, cwd=run.parent, env={**ENV, **(env or {})}, timeout=WAIT)
+
+
+def start_hooked(run: Path, args: list[str], hooks: dict[str, str], log: Path) -> subprocess.Popen:
+    """tests/train_hooks.py in the background; stdout+stderr to `log`."""
+    env = {**os.environ, **ENV, **hooks}
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, str(HOOKS), "train", *args], cwd=run.parent, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen) -> None:
+    """Until `path` exists (the process parked); fails if the process ends first."""
+    deadline = time.monotonic() + WAIT
+    while not path.exists():
+        assert proc.poll() is None, f"exited {proc.returncode} before {path.name}"
+        assert time.monotonic() < deadline, f"no {path} after {WAIT}s"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uninterrupted run every interrupted one is compared with."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    result = train(run)
+    assert result.returncode == 0, result.stderr
+    assert [int(r["epoch"]) for r in metrics(run)] == [1, 2, 3]
+    return run
+
+
+def test_same_seed_gives_identical_metrics_and_weights(reference: Path, tmp_path: Path) -> None:
+    result = train(tmp_path / "again")
+    assert result.returncode == 0, result.stderr
+    assert metrics(tmp_path / "again") == metrics(reference)
+    assert same_weights(tmp_path / "again/checkpoints/last.pt", reference / "checkpoints/last.pt")
+
+
+@pytest.mark.slow
+def test_other_seed_gives_other_metrics(reference: Path, tmp_path: Path) -> None:
+    result = train(tmp_path / "seed1", "seed=1")
+    assert result.returncode == 0, result.stderr
+    assert metrics(tmp_path / "seed1") != metrics(reference)
+
+
+def test_sigkill_mid_checkpoint_write_then_resume(reference: Path, tmp_path: Path) -> None:
+    run, marker = tmp_path / "run", tmp_path / "parked"
+    # Saves: epoch 1 best + last, then epoch 2's best.pt: the 3rd write hangs half-way.
+    proc = start_hooked(run, [*ARGS, f"hydra.run.dir={run}"],
+                        {"CIFAR_CAM_TEST_HANG_SAVE": "3", "CIFAR_CAM_TEST_MARKER": str(marker)}, tmp_path / "log")
+    wait_for(marker, proc)
+    proc.kill()
+    proc.wait(WAIT)
+    ckpts = run / "checkpoints"
+    torn = [p for p in ckpts.iterdir() if p.name.endswith(".tmp")]
+    assert len(torn) == 1 and torn[0].name.startswith(".best.pt.")  # the half-written file is a temp file
+    with pytest.raises(Exception):  # noqa: B017 (whatever torch.load raises on half a file)
+        load(torn[0])
+    assert load(ckpts / "last.pt")["epoch"] == 1 and load(ckpts / "best.pt")["epoch"] == 1
+    assert len(metrics(run)) - load(ckpts / "last.pt")["epoch"] <= 1  # at most one epoch is redone
+
+    result = train(run, f"ckpt={run}")
+    assert result.returncode == 0, result.stderr
+    assert metrics(run) == metrics(reference)
+    assert same_weights(ckpts / "best.pt", reference / "checkpoints/best.pt")
+    assert not [p for p in ckpts.iterdir() if p.name.endswith(".tmp")]  # the torn temp file is cleaned up
+
+
+@pytest.mark.slow
+def test_sigkill_at_seeded_random_instants_then_resume(reference: Path, tmp_path: Path) -> None:
+    """Kills the same run again and again at random instants; each time it resumes from what was saved."""
+    rng = random.Random(5)
+    run, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    for attempt in range(4):
+        resume = (ckpts / "last.pt").exists()
+        args = [f"ckpt={run}"] if resume else [*ARGS, f"hydra.run.dir={run}"]
+        proc = start_hooked(run, args, {}, tmp_path / f"log{attempt}")
+        # A random instant between startup and the end of training: mid-step, mid-validation,
+        # mid-checkpoint-write, or before anything was saved.
+        time.sleep(rng.uniform(1.0, 8.0))
+        if proc.poll() is not None:
+            assert proc.returncode == 0, (tmp_path / f"log{attempt}").read_text()[-2000:]
+            break
+        proc.kill()
+        proc.wait(WAIT)
+        if (ckpts / "last.pt").exists():
+            done = load(ckpts / "last.pt")["epoch"]
+            assert len(metrics(run)) - done <= 1, "more than one epoch would be redone"
+            if (ckpts / "best.pt").exists():
+                load(ckpts / "best.pt")
+    else:
+        result = train(run, f"ckpt={run}") if (ckpts / "last.pt").exists() else train(run)
+        assert result.returncode == 0, result.stderr
+    assert metrics(run) == metrics(reference)
+    assert same_weights(ckpts / "last.pt", reference / "checkpoints/last.pt")
+
+
+@pytest.mark.parametrize(("signum", "step"), [
+    (signal.SIGINT, STEPS_PER_EPOCH + 2),   # mid-epoch 2: the partial epoch is saved and continued
+    (signal.SIGTERM, STEPS_PER_EPOCH),      # after the last step of epoch 1, before its validation
+])
+def test_signal_saves_last_and_resume_is_exact(signum: int, step: int, reference: Path, tmp_path: Path) -> None:
+    run, marker = tmp_path / "run", tmp_path / "parked"
+    proc = start_hooked(run, [*ARGS, f"hydra.run.dir={run}"],
+                        {"CIFAR_CAM_TEST_HOLD_STEP": str(step), "CIFAR_CAM_TEST_MARKER": str(marker)},
+                        tmp_path / "log")
+    wait_for(marker, proc)
+    proc.send_signal(signum)
+    assert proc.wait(WAIT) == 128 + signum
+    output = (tmp_path / "log").read_text()
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1, output
+    name = signal.Signals(signum).name
+    epoch, at = divmod(step - 1, STEPS_PER_EPOCH)
+    assert f"{name}: stopped at epoch {epoch + 1}, step {at + 1}" in errors[0]
+    assert f"resume with: cifar-cam train ckpt={run}" in errors[0]
+    last = load(run / "checkpoints/last.pt")
+    assert last["epoch"] == epoch and last["partial"]["step"] == at + 1
+    assert (len(metrics(run)) if epoch else (run / "metrics.csv").exists()) == epoch
+
+    result = train(run, f"ckpt={run}")
+    assert result.returncode == 0, result.stderr
+    assert metrics(run) == metrics(reference)
+    assert same_weights(run / "checkpoints/last.pt", reference / "checkpoints/last.pt")
+
+
+def test_nan_loss_stops_in_one_line_and_keeps_best(reference: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    best, last = run / "checkpoints/best.pt", run / "checkpoints/last.pt"
+    before = {p: p.read_bytes() for p in (best, last, run / "metrics.csv")}
+
+    # One more epoch with a huge learning rate (an override on resume rescales the restored one): it diverges.
+    result = train(run, f"ckpt={run}", f"trainer.epochs={EPOCHS + 1}", "optimizer.lr=1e6")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert re.search(rf"loss became NaN/inf at epoch {EPOCHS + 1}, step \d+ \(lr 1e\+06\)", lines[0]), lines[0]
+    assert "lower optimizer.lr" in lines[0] and f"last.pt (epoch {EPOCHS}) is intact" in lines[0]
+    assert all(p.read_bytes() == data for p, data in before.items())  # best.pt, last.pt, metrics intact
+
+    # The way out the message names: resume with a lower rate; a finished run takes more epochs.
+    result = train(run, f"ckpt={run}", f"trainer.epochs={EPOCHS + 1}", "optimizer.lr=0.01")
+    assert result.returncode == 0, result.stderr
+    rows = metrics(run)
+    assert rows[:EPOCHS] == metrics(reference) and rows[EPOCHS]["epoch"] == str(EPOCHS + 1)
+    assert rows[EPOCHS]["lr"] == "0.01" and float(rows[EPOCHS]["train_loss"]) < 3
+
+
+def test_resume_a_finished_run_says_so_and_evaluates_again(reference: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    (run / "summary.json").unlink()
+    before = {p: p.read_bytes() for p in (run / "metrics.csv", run / "checkpoints/last.pt")}
+
+    result = train(run, f"ckpt={run}")
+    assert result.returncode == 0, result.stderr
+    assert f"already finished {EPOCHS} of {EPOCHS} epochs" in result.stdout
+    assert all(p.read_bytes() == data for p, data in before.items())
+    summary, expected = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
+    for key in ("test_acc", "test_loss", "best_epoch", "epochs_run", "images_per_second"):
+        assert summary[key] == expected[key], key
