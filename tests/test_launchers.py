@@ -9,6 +9,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -79,7 +80,8 @@ def test_auto_threads_split_the_cores_among_joblib_jobs(n_jobs: int, expected: i
 def test_auto_threads_split_the_cores_among_torchrun_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
     HydraConfig.instance().set_config(compose_hydra([]))
     assert resolve_num_threads("auto") is None  # alone: torch's default
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)  # as torchrun sets them: 2 nodes of 2 ranks
     assert resolve_num_threads("auto") == max(1, CORES // 2)
 
 
@@ -106,7 +108,8 @@ def test_joblib_sweep_runs_jobs_in_parallel_with_split_threads(tmp_path: Path) -
     assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
     assert set(summaries(sweep)) == {"0", "1"}
     for job in ("0", "1"):
-        assert f"torch threads: {max(1, CORES // 2)} (trainer.num_threads=auto)" in (sweep / job / "train.log").read_text()
+        log = (sweep / job / "train.log").read_text()
+        assert f"torch threads: {max(1, CORES // 2)} (trainer.num_threads=auto)" in log
     # The same seed gives the same result as the sequential launcher (each job is its own process).
     single = run_cli("train", "seed=2", *TINY, f"hydra.run.dir={tmp_path / 'single'}", cwd=tmp_path)
     assert single.returncode == 0, single.stderr
@@ -125,6 +128,23 @@ def test_submitit_local_sweep_runs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_submitit_job_with_two_tasks_trains_ddp(tmp_path: Path) -> None:
+    """hydra.launcher.tasks_per_node=2: the job's two tasks become DDP ranks (as on SLURM), rank 0 writes."""
+    sweep = tmp_path / "sweep"
+    result = run_cli("train", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+                     "hydra.launcher.timeout_min=10", "seed=1", *TINY, "data.batch_size=16", "optimizer=adam",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = summaries(sweep)["0"]
+    assert summary["world_size"] == 2
+    payload = torch.load(sweep / "0" / "checkpoints" / "last.pt", weights_only=True)
+    # 96 training images: 48 a rank, 3 steps of 16 an epoch, 2 epochs
+    assert {int(s["step"]) for s in payload["optimizer"]["state"].values()} == {6}
+    log = (sweep / "0" / "train.log").read_text()
+    assert log.count("epoch 2/2") == 1 and f"torch threads: {max(1, CORES // 2)}" in log
+
+
+@pytest.mark.slow
 def test_optuna_sweep_maximizes_val_acc_and_reports(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     result = run_cli("train", "-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *TINY,
@@ -136,7 +156,8 @@ def test_optuna_sweep_maximizes_val_acc_and_reports(tmp_path: Path) -> None:
     assert best["best_value"] == max(s["best_val_acc"] for s in found.values())
     assert set(best["best_params"]) == {"optimizer.lr", "optimizer.weight_decay", "aug"}
     for job in found:  # each trial's suggestion is in its own overrides, within the search space
-        overrides = dict(o.split("=", 1) for o in yaml.safe_load((sweep / job / ".hydra" / "overrides.yaml").read_text()))
+        listed = yaml.safe_load((sweep / job / ".hydra" / "overrides.yaml").read_text())
+        overrides = dict(o.split("=", 1) for o in listed)
         assert 0.01 <= float(overrides["optimizer.lr"]) <= 0.3
         assert 1e-5 <= float(overrides["optimizer.weight_decay"]) <= 1e-3
         assert overrides["aug"] in ("seed", "crop_flip", "none")

@@ -172,6 +172,7 @@ def precheck(command: str, overrides: list[str]) -> Any:
 
     config_name = COMMANDS[command][0]
     checked: set[tuple[str, str]] = set()  # (what, path): data roots and checkpoints are checked once
+    payloads: dict[str, dict[str, Any]] = {}
     first_cfg = None
     try:
         variants = _sweep_variants(overrides)
@@ -183,8 +184,9 @@ def precheck(command: str, overrides: list[str]) -> Any:
                 cfg = compose(config_name, overrides=single)
         except (HydraException, OmegaConfBaseException, ValueError) as e:
             fail(command, explain_hydra_error(e, config_name, overrides))
-        first_cfg = cfg if first_cfg is None else first_cfg
         try:
+            cfg = with_checkpoint_config(command, cfg, single, payloads)
+            first_cfg = cfg if first_cfg is None else first_cfg
             validate(cfg, command)
             resolve_device(cfg.trainer.device)
             if cfg.data.source == "folder" and ("root", str(cfg.data.root)) not in checked:
@@ -196,6 +198,27 @@ def precheck(command: str, overrides: list[str]) -> Any:
         except CifarCamError as e:
             fail(command, str(e), e.exit_code)
     return first_cfg
+
+
+def with_checkpoint_config(command: str, cfg: Any, overrides: list[str], cache: dict[str, dict[str, Any]]) -> Any:
+    """With `ckpt=`: the config the task will run with, the checkpoint's stored values merged in.
+
+    eval / gradcam / lr-find take data and model from the checkpoint, a resumed train everything;
+    what the command line says still wins (see config.merge_with_checkpoint).
+    """
+    from omegaconf import OmegaConf
+
+    from cifar_cam.checkpoint import load_checkpoint
+    from cifar_cam.config import MODEL_SECTIONS, merge_with_checkpoint
+
+    if "ckpt" not in cfg or OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
+        return cfg
+    key = str(cfg.ckpt)
+    if key not in cache:
+        cache[key] = load_checkpoint(cfg.ckpt, prefer="last" if command == "train" else "best")
+    payload = cache[key]
+    sections = None if command == "train" else MODEL_SECTIONS
+    return merge_with_checkpoint(cfg, payload["config"], overrides, sections, payload.get("choices"))
 
 
 def check_checkpoint(command: str, cfg: Any, overrides: list[str]) -> None:
@@ -217,7 +240,7 @@ def inherit_choices(command: str, overrides: list[str]) -> list[str]:
     was trained with; a group named on the command line still wins.
     """
     ckpt = next((o.split("=", 1)[1] for o in overrides if o.startswith("ckpt=")), None)
-    if command not in ("eval", "gradcam", "train") or not ckpt:
+    if command not in ("eval", "gradcam", "train", "lr-find") or not ckpt:
         return overrides
     from cifar_cam.checkpoint import load_checkpoint
     from cifar_cam.config import MODEL_SECTIONS
@@ -280,6 +303,18 @@ def task_entry(command: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
             raise
 
     return task
+
+
+def join_ranks(command: str, cfg: Any, multirun: bool) -> Any:
+    """[ddp] Under torchrun: checks that the command fits and joins the process group, before Hydra starts."""
+    from cifar_cam import distributed
+    from cifar_cam.engine import resolve_device
+
+    try:
+        world = distributed.check_strategy(cfg.trainer.get("strategy", "auto"), command, multirun)
+        return distributed.init(resolve_device(cfg.trainer.device).type) if world.distributed else world
+    except CifarCamError as e:
+        fail(command, str(e), e.exit_code)
 
 
 def report_main(args: list[str]) -> None:
@@ -349,6 +384,7 @@ def _main(argv: list[str] | None) -> None:
         overrides = inherit_choices(command, overrides)
         cfg = precheck(command, overrides)
         multirun = bool(flags & {"-m", "--multirun"})
+        world = join_ranks(command, cfg, multirun)  # [ddp] torchrun's ranks: one run dir, chosen by rank 0
         keys = {o.split("=", 1)[0] for o in overrides}
         if multirun and "hydra.sweep.dir" not in keys:
             extra.append(f"hydra.sweep.dir={_quote(reserve_dir(Path('multirun') / command))}")
@@ -361,7 +397,12 @@ def _main(argv: list[str] | None) -> None:
                 stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
                 extra += [f"hydra.run.dir={_quote(run_dir)}", f"hydra.output_subdir=.hydra/resume-{stamp}"]
             else:
-                extra.append(f"hydra.run.dir={_quote(reserve_dir(Path('outputs') / command))}")
+                from cifar_cam.distributed import rank0_decides
+
+                extra.append(f"hydra.run.dir={_quote(rank0_decides(lambda: reserve_dir(Path('outputs') / command)))}")
+        from cifar_cam.distributed import quiet_overrides
+
+        extra += quiet_overrides(world)  # [ddp] ranks other than 0 write no files
 
     import hydra
 

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
-from cifar_cam import viz
+from cifar_cam import distributed, viz
 from cifar_cam.augment import build_train_batches
 from cifar_cam.checkpoint import (
     load_checkpoint,
@@ -232,6 +232,11 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
     resume, cfg = resume_config(cfg, cli_overrides())
     device = setup_runtime(cfg)
     t = cfg.trainer
+    # [ddp] under torchrun or in a multi-task SLURM job: join the ranks, each on its own GPU; alone: rank 0 of 1
+    world, device = distributed.setup(t.get("strategy", "auto"), device)
+    if world.distributed and cfg.optimizer.lr == "auto":
+        raise ConfigError("optimizer.lr=auto runs the LR range test, which is single-process: run "
+                          "`cifar-cam lr-find` first and pass its optimizer.lr=... to the DDP run")
     splits = load_data(cfg)
     if resume is not None:
         check_classes(resume, splits)
@@ -244,7 +249,8 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     batches = build_train_batches(splits.train, cfg.aug, batch_size=cfg.data.batch_size,
-                                  num_workers=resolve_num_workers(cfg.data.num_workers), seed=cfg.seed, device=device)
+                                  num_workers=resolve_num_workers(cfg.data.num_workers), seed=cfg.seed, device=device,
+                                  rank=world.rank, world_size=world.size)  # [ddp] this rank's shard
     val_batches = EvalBatches(splits.val, cfg.eval.batch_size, device) if splits.val is not None else None
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
 
@@ -257,6 +263,10 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
     scheduler, interval = build_scheduler(cfg, optimizer, t.epochs, len(batches))
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     step_model = torch.compile(model) if t.compile else model  # save `model`: no _orig_mod. prefix
+    train_model = step_model  # [ddp] gradients all-reduced through DDP; evaluation uses the plain module
+    if world.distributed:
+        ddp_model = distributed.wrap(model, device, sync_batchnorm=t.get("sync_batchnorm", False))
+        train_model = torch.compile(ddp_model) if t.compile else ddp_model
 
     state = TrainState()
     if resume is not None:
@@ -281,7 +291,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
                         resume["num_threads"], torch.get_num_threads(), resume["num_threads"])
 
     ckpt_dir = out / "checkpoints"
-    for stale in remove_stale_temp_files(ckpt_dir) if ckpt_dir.is_dir() else []:
+    for stale in remove_stale_temp_files(ckpt_dir) if ckpt_dir.is_dir() and world.is_main else []:
         log.info("removed %s, the remains of a checkpoint write that was killed", stale.name)
     config_dict = plain(cfg)
     log_every = (1 if device.type == "cpu" else 50) if t.log_every == "auto" else t.log_every
@@ -314,7 +324,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
     elif state.epoch >= t.epochs:
         log.info("the run already finished %d of %d epochs: evaluating its best checkpoint on test again "
                  "(trainer.epochs=N on the command line trains it further)", state.epoch, t.epochs)
-    with Bars("epochs", t.epochs) as bars:
+    with Bars("epochs", t.epochs, enabled=None if world.is_main else False) as bars:
         bars.advance_outer(state.epoch)
         stop.armed = True
         for epoch in range(state.epoch + 1, last_epoch + 1):
@@ -327,20 +337,21 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
                                     f"{resume_hint}")
             try:
                 result = train_one_epoch(
-                    step_model, batches, optimizer, criterion, device=device, amp_dtype=amp_dtype, scaler=scaler,
+                    train_model, batches, optimizer, criterion, device=device, amp_dtype=amp_dtype, scaler=scaler,
                     step_scheduler=scheduler if interval == "step" else None, log_every=log_every, start=partial,
                     on_progress=lambda tot, n: bars.update_inner(tot.step,
                                                                  f"loss {tot.loss:.3f} acc {percent(tot.acc)}"),
-                    should_stop=stop.requested, epoch=epoch,
+                    should_stop=distributed.any_rank(stop.requested, world), epoch=epoch,  # [ddp] all stop together
                 )
             except DivergenceError as e:  # nothing of this epoch is saved: last.pt and best.pt stay as they were
                 kept = (f"{ckpt_dir / 'last.pt'} (epoch {state.epoch}) is intact: resume with a lower rate: "
                         f"cifar-cam train ckpt={shlex.quote(str(out))} optimizer.lr=..."
                         if (ckpt_dir / "last.pt").is_file() else "nothing was saved")
                 raise DivergenceError(f"{e}; {kept}") from None
-            totals = result.totals
+            totals = distributed.all_reduce_totals(result.totals, partial, world)  # [ddp] over all ranks' shards
             if result.interrupted:
-                save_checkpoint(payload(partial=totals), ckpt_dir / "last.pt")
+                if world.is_main:
+                    save_checkpoint(payload(partial=totals), ckpt_dir / "last.pt")
                 name = signal.Signals(stop.signum).name  # type: ignore[arg-type]
                 raise TrainingInterrupted(
                     f"{name}: stopped at epoch {epoch}, step {totals.step}; saved {ckpt_dir / 'last.pt'}; "
@@ -351,7 +362,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
             val_started = time.perf_counter()
             val = (evaluate(step_model, val_batches, splits.num_classes, device=device, amp_dtype=amp_dtype)
                    if val_batches is not None else None)
-            monitored = val.acc if val is not None else totals.acc
+            monitored = distributed.from_rank0(val.acc if val is not None else totals.acc, world)  # [ddp] one decision
             if scheduler is not None and interval == "epoch":
                 if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                     scheduler.step(monitored)
@@ -369,11 +380,12 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
                 "lr": optimizer.param_groups[0]["lr"],
                 "seconds": round(totals.seconds + time.perf_counter() - val_started, 3),
             })
-            write_metrics_csv(state.history, out / "metrics.csv")
-            if improved:
-                save_checkpoint(payload(), ckpt_dir / "best.pt")
-            save_checkpoint(payload(), ckpt_dir / "last.pt")
-            viz.plot_curves(state.history, out / "curves.png")
+            if world.is_main:  # [ddp] only rank 0 writes
+                write_metrics_csv(state.history, out / "metrics.csv")
+                if improved:
+                    save_checkpoint(payload(), ckpt_dir / "best.pt")
+                save_checkpoint(payload(), ckpt_dir / "last.pt")
+                viz.plot_curves(state.history, out / "curves.png")
             row = state.history[-1]
             log.info("epoch %d/%d  train loss %.4f acc %s  val loss %s acc %s  lr %.3g  %.1fs%s",
                      epoch, t.epochs, row["train_loss"], percent(row["train_acc"]),
@@ -389,6 +401,8 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
                 log.info("early stopping: no val improvement > %g for %d epochs", min_delta, patience)
                 break
 
+    if not world.is_main:  # [ddp] rank 0 alone tests the best checkpoint and writes summary.json
+        return float(state.best_val_acc)
     stop.armed = False
     stop.unarmed_message = (f"during the final test evaluation; the checkpoints are complete: "
                             f"cifar-cam train ckpt={shlex.quote(str(out))} evaluates again")
@@ -411,6 +425,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
         "tta": cfg.eval.tta,
         "num_params": num_params,
         "device": str(device),
+        "world_size": world.size,  # [ddp] processes that trained; a step saw world_size x data.batch_size images
         "per_class_test_acc": dict(zip(splits.classes, test.per_class_acc)),
     }
     write_json(out / "summary.json", summary)

@@ -1,0 +1,165 @@
+"""DDP: sharding keeps (seed, epoch, batch) determinism; 2-process gloo training on CPU through torchrun."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cifar_cam.augment import DeviceBatches, EpochSampler, shard
+from cifar_cam.data import CIFAR10_MEAN, CIFAR10_STD, ImageArrays
+from cifar_cam.distributed import World, check_strategy, quiet_overrides
+from cifar_cam.errors import ConfigError
+from conftest import run_cli
+
+# 390 synthetic images - 64 val = 326 to train: not a multiple of 2 ranks x 16, so the shards need padding.
+DATA = ["data=synthetic", "data.train_size=390", "data.val_size=64", "data.test_size=256", "model.width=8",
+        "trainer.epochs=4", "eval.batch_size=256", "optimizer=adam", "optimizer.lr=0.003", "trainer.num_threads=1"]
+RANKS, BATCH = 2, 16
+
+
+@pytest.mark.parametrize(("n", "world_size"), [(7, 1), (7, 2), (10, 3), (2, 3)])
+def test_shards_are_equal_sized_and_cover_the_order(n: int, world_size: int) -> None:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    shards = [shard(order, r, world_size) for r in range(world_size)]
+    per_rank = -(-n // world_size)
+    assert all(len(s) == per_rank for s in shards)
+    seen = torch.cat(shards)
+    assert set(seen.tolist()) == set(range(n))  # every image, a few twice (the padding)
+    assert len(seen) - n == per_rank * world_size - n
+
+
+def test_ranks_together_see_what_one_process_with_the_global_batch_sees() -> None:
+    n, batch, world_size = 50, 4, 2
+    single = list(EpochSampler(n, batch * world_size, seed=3))
+    ranks = [list(EpochSampler(n, batch, seed=3, rank=r, world_size=world_size)) for r in range(world_size)]
+    assert len(ranks[0]) == len(ranks[1]) == 25
+    for b in range(7):  # local batch b of both ranks == global batch b of the single process (images, in order)
+        together = sorted(i for r in ranks for i, _, _ in r[b * batch:(b + 1) * batch])
+        assert together == sorted(i for i, _, _ in single[b * batch * world_size:(b + 1) * batch * world_size])
+    # Augmentation keys: global batch numbers, b*W + r, never shared between ranks.
+    assert {k for _, _, k in ranks[0]} == {0, 2, 4, 6, 8, 10, 12}
+    assert {k for _, _, k in ranks[1]} == {1, 3, 5, 7, 9, 11, 13}
+    # Resuming mid-epoch at local batch 3 continues with exactly the same images.
+    resumed = EpochSampler(n, batch, seed=3, rank=1, world_size=world_size)
+    resumed.start_batch = 3
+    assert list(resumed) == ranks[1][3 * batch:]
+
+
+def test_device_backend_shards_the_same_way() -> None:
+    n = 40
+    images = np.repeat(np.arange(n, dtype=np.uint8)[:, None, None, None] * 5, 32 * 32 * 3).reshape(n, 32, 32, 3)
+    arrays = ImageArrays(images, np.arange(n) % 10, np.arange(n))
+    aug = {"preset": "none"}
+
+    def indices(batches: DeviceBatches) -> list[list[int]]:  # channel 0 of image i is (5 i - 255 mean) / (255 std)
+        out = []
+        for x, _ in batches:
+            value = x[:, 0, 0, 0] * (255 * CIFAR10_STD[0]) + 255 * CIFAR10_MEAN[0]
+            out.append(sorted(round(v / 5) for v in value.tolist()))
+        return out
+
+    cpu = torch.device("cpu")
+    single = DeviceBatches(arrays, aug, batch_size=8, seed=1, device=cpu)
+    ranks = [DeviceBatches(arrays, aug, batch_size=4, seed=1, device=cpu, rank=r, world_size=2) for r in range(2)]
+    for b in (single, *ranks):
+        b.set_epoch(2)
+    per_rank = [indices(r) for r in ranks]
+    assert len(ranks[0]) == len(single) == 5
+    assert [sorted(a + b) for a, b in zip(*per_rank, strict=True)] == indices(single)
+
+
+def test_strategy_must_fit_how_the_process_was_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert check_strategy("auto") == World()
+    with pytest.raises(ConfigError, match="trainer.strategy=ddp needs the ranks torchrun starts"):
+        check_strategy("ddp")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert check_strategy("ddp") == check_strategy("auto") == World(rank=1, local_rank=1, size=2, local_size=2)
+    with pytest.raises(ConfigError, match="each would train alone"):
+        check_strategy("single")
+    with pytest.raises(ConfigError, match="only train runs distributed"):
+        check_strategy("auto", command="eval")
+    with pytest.raises(ConfigError, match="-m under torchrun"):
+        check_strategy("auto", multirun=True)
+    assert quiet_overrides(World(rank=1, size=2))[0] == "hydra.output_subdir=null"
+    assert quiet_overrides(World(rank=0, size=2)) == []
+
+
+def test_ddp_without_torchrun_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = run_cli("train", "data=synthetic", "trainer.strategy=ddp", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("cifar-cam train: error: trainer.strategy=ddp needs the ranks torchrun starts: "
+                                     "torchrun --nproc_per_node=N -m cifar_cam train ...")
+    assert not (tmp_path / "outputs").exists()
+
+
+# ----------------------------------------------------------------------------- 2 processes, gloo
+
+
+@pytest.fixture(scope="module")
+def ddp_and_single(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, str]:
+    """torchrun --nproc_per_node=2 with batch 16 a rank, and one process with batch 32 (the same images a step)."""
+    cwd = tmp_path_factory.mktemp("ddp")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={RANKS}",
+               "-m", "cifar_cam", "train", *DATA, f"data.batch_size={BATCH}"]
+    ddp = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    single = run_cli("train", *DATA, f"data.batch_size={BATCH * RANKS}", "hydra.run.dir=single", cwd=cwd)
+    assert single.returncode == 0, single.stderr[-4000:]
+    return cwd, cwd / "outputs" / "train", cwd / "single", ddp.stdout + ddp.stderr
+
+
+def test_ddp_writes_one_run_dir_from_rank_0(ddp_and_single: tuple[Path, Path, Path, str]) -> None:
+    _, runs, _, output = ddp_and_single
+    (run,) = list(runs.iterdir())  # one run dir for both ranks
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", "checkpoints", "curves.png", "metrics.csv",
+                                                     "summary.json", "train.log"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
+    log = (run / "train.log").read_text()
+    assert log.count("epoch 4/4") == 1 and log.count("run dir:") == 1  # rank 1 logs nothing
+    assert output.count("test accuracy") == 1
+    assert json.loads((run / "summary.json").read_text())["world_size"] == RANKS
+
+
+def test_ddp_steps_per_epoch_follow_the_sharding(ddp_and_single: tuple[Path, Path, Path, str]) -> None:
+    _, runs, single_dir, _ = ddp_and_single
+    (run,) = list(runs.iterdir())
+    train_images = 390 - 64
+    per_rank = -(-train_images // RANKS)  # ceil(326 / 2) = 163: the shard, padded
+    steps_per_epoch = -(-per_rank // BATCH)  # ceil(163 / 16) = 11
+    assert steps_per_epoch == 11
+    for run_dir in (run, single_dir):  # Adam counts its own steps
+        payload = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+        assert {int(s["step"]) for s in payload["optimizer"]["state"].values()} == {4 * steps_per_epoch}
+
+
+def test_ddp_accuracy_is_within_noise_of_one_process(ddp_and_single: tuple[Path, Path, Path, str]) -> None:
+    _, runs, single_dir, _ = ddp_and_single
+    (run,) = list(runs.iterdir())
+    ddp = json.loads((run / "summary.json").read_text())
+    single = json.loads((single_dir / "summary.json").read_text())
+    assert ddp["test_acc"] > 0.8 and single["test_acc"] > 0.8  # both learned (chance: 0.1)
+    # Per-rank BatchNorm statistics (16 vs 32 images) and other augmentation draws: close, not identical.
+    assert abs(ddp["test_acc"] - single["test_acc"]) < 0.1
+    assert abs(ddp["best_val_acc"] - single["best_val_acc"]) < 0.1
+    ddp_rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(ddp_rows) == 5  # header + one row an epoch; train loss and accuracy are over both ranks' shards
+
+
+def test_single_process_eval_loads_the_ddp_checkpoint(ddp_and_single: tuple[Path, Path, Path, str]) -> None:
+    cwd, runs, _, _ = ddp_and_single
+    (run,) = list(runs.iterdir())
+    payload = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in payload["model"])
+    result = run_cli("eval", f"ckpt={run}", "hydra.run.dir=eval", cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((cwd / "eval" / "metrics.json").read_text())
+    assert metrics["accuracy"] == pytest.approx(json.loads((run / "summary.json").read_text())["test_acc"])
+    assert metrics["n"] == 256
