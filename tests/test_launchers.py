@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from cifar_cam.cli import config_dir
+from cifar_cam.cli import config_dir, failed_jobs_in_logs
 from cifar_cam.tasks.common import resolve_num_threads
 from conftest import TINY, run_cli
 
@@ -90,6 +90,14 @@ def test_bad_num_threads_is_one_line_and_exit_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip() == ("cifar-cam train: error: trainer.num_threads must be 'auto' or an integer >= 1, "
                                      "got 0")
+
+
+def test_failed_jobs_of_out_of_process_launchers_are_found_in_their_logs(tmp_path: Path) -> None:
+    for job, text in (("0", "[10:00:01][INFO] wrote x\n"),
+                      ("1", "[10:00:01][ERROR] loss became NaN\n[10:00:01][WARNING] job #1 failed: loss became NaN\n")):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "train.log").write_text(text)
+    assert failed_jobs_in_logs(tmp_path, "train") == [(1, str(tmp_path / "1"), "loss became NaN", 1)]
 
 
 # ----------------------------------------------------------------------------- real sweeps (slow)

@@ -277,6 +277,19 @@ def _quote(path: Path | str) -> str:
 FAILED_JOBS: list[tuple[int, str, str, int]] = []
 
 
+def failed_jobs_in_logs(sweep_dir: Path, command: str) -> list[tuple[int, str, str, int]]:
+    """Failed jobs of a sweep whose jobs ran in other processes (joblib, submitit), from task_entry's log line."""
+    import re
+
+    found = []
+    for log_file in sweep_dir.glob(f"*/{command}.log"):
+        for line in log_file.read_text(errors="replace").splitlines():
+            m = re.search(r"\[WARNING\] job #(\d+) failed: (.*)", line)
+            if m:  # the exit code stays in that process: 1 (a failure at run time)
+                found.append((int(m.group(1)), str(log_file.parent), m.group(2), 1))
+    return sorted(found)
+
+
 def task_entry(command: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """Wraps a task: errors become one line + exit code; in a sweep, a failed job is noted and the rest run."""
 
@@ -409,6 +422,10 @@ def _main(argv: list[str] | None) -> None:
     # Flags first: Hydra's argparse refuses overrides on both sides of a flag (`a=1 -m b=2`).
     sys.argv = [f"cifar-cam {command}", *flag_args, *overrides, *extra]
     hydra.main(config_path=config_dir(), config_name=config_name, version_base="1.3")(task_entry(command, fn))()
+    sweep_dir = next((a.split("=", 1)[1].strip("'") for a in [*overrides, *extra] if a.startswith("hydra.sweep.dir=")),
+                     None)
+    if not FAILED_JOBS and sweep_dir and flags & {"-m", "--multirun"}:
+        FAILED_JOBS.extend(failed_jobs_in_logs(Path(sweep_dir), command))  # joblib / submitit: jobs in other processes
     if FAILED_JOBS:
         num, job_dir, message, _ = FAILED_JOBS[0]
         more = f" (and {len(FAILED_JOBS) - 1} more, see their {command}.log)" if len(FAILED_JOBS) > 1 else ""
