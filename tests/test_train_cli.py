@@ -141,3 +141,27 @@ def test_real_images_beat_chance_after_one_short_epoch(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     summary = json.loads((only_run_dir(tmp_path / "outputs" / "train") / "summary.json").read_text())
     assert summary["test_acc"] > 0.30, summary
+
+
+def test_commands_on_a_folder_run_need_no_data_root_again(tmp_path: Path) -> None:
+    """eval / gradcam / resume take data.root from the checkpoint (folder.yaml's root is required)."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for c in ("a", "b"):
+            (tmp_path / "imgs" / split / c).mkdir(parents=True)
+            for i in range(n):
+                cv2.imwrite(str(tmp_path / "imgs" / split / c / f"{i}.png"), rng.integers(0, 255, (32, 32, 3), np.uint8))
+    first = run_cli("train", "data=folder", "data.root=imgs", "data.val_size=4", "data.batch_size=8", "model.width=8",
+                    "trainer.epochs=1", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    run = only_run_dir(tmp_path / "outputs" / "train")
+    evaluated = run_cli("eval", f"ckpt={run}", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    metrics = json.loads((only_run_dir(tmp_path / "outputs" / "eval") / "metrics.json").read_text())
+    assert metrics["n"] == 8 and set(metrics["per_class_accuracy"]) == {"a", "b"}
+    resumed = run_cli("train", f"ckpt={run}", "trainer.epochs=2", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["epoch"] for r in csv.DictReader((run / "metrics.csv").open())] == ["1", "2"]
