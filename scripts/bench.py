@@ -77,20 +77,23 @@ def sgd(model: nn.Module) -> torch.optim.Optimizer:
                            weight_decay=cfg.weight_decay)
 
 
-def timed(fn: Callable[[], int], device: torch.device) -> float:
-    """Images per second of fn (which returns the number of images it trained on)."""
-    sync(device)
-    t0 = time.perf_counter()
-    images = fn()
-    sync(device)
-    return images / (time.perf_counter() - t0)
+def timed(fn: Callable[[], int], device: torch.device, repeat: int) -> list[float]:
+    """Images per second of each of `repeat` calls of fn (which returns the number of images it trained on)."""
+    runs = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        images = fn()
+        sync(device)
+        runs.append(images / (time.perf_counter() - t0))
+    return runs
 
 
 # ----------------------------------------------------------------------------- (a) ceiling
 
 
-def ceiling(model: nn.Module, batch_size: int, steps: int, warmup: int, device: torch.device,
-            amp_dtype: torch.dtype | None, memory_format: torch.memory_format) -> float:
+def ceiling(model: nn.Module, batch_size: int, steps: int, warmup: int, repeat: int, device: torch.device,
+            amp_dtype: torch.dtype | None, memory_format: torch.memory_format) -> list[float]:
     """fwd + bwd + step on one resident random batch: what the model alone can do."""
     criterion = nn.CrossEntropyLoss()
     optimizer = sgd(model)
@@ -119,15 +122,16 @@ def ceiling(model: nn.Module, batch_size: int, steps: int, warmup: int, device: 
             step()
         return steps * batch_size
 
-    return timed(run, device)
+    return timed(run, device, repeat)
 
 
 # ----------------------------------------------------------------------------- (b) cifar-cam
 
 
 def cifar_cam_epoch(model: nn.Module, arrays: ImageArrays, aug: dict[str, Any], *, batch_size: int,
-                    num_workers: int, warmup: int, device: torch.device, amp_dtype: torch.dtype | None) -> float:
-    """One real training epoch through build_train_batches + train_one_epoch, after `warmup` steps."""
+                    num_workers: int, warmup: int, repeat: int, device: torch.device,
+                    amp_dtype: torch.dtype | None) -> list[float]:
+    """Real training epochs (1, 2, ...) through build_train_batches + train_one_epoch, after `warmup` steps."""
     criterion = nn.CrossEntropyLoss()
     optimizer = sgd(model)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -141,18 +145,21 @@ def cifar_cam_epoch(model: nn.Module, arrays: ImageArrays, aug: dict[str, Any], 
         steps += 1
         return steps >= warmup
 
-    # Warm-up: compilation, DataLoader workers starting; then one whole epoch is timed.
+    # Warm-up: compilation, DataLoader workers starting; then whole epochs are timed.
     batches.set_epoch(0)
     train_one_epoch(model, batches, optimizer, criterion, device=device, amp_dtype=amp_dtype, scaler=scaler,
                     log_every=log_every, should_stop=warmed_up)
-    batches.set_epoch(1)
+    epoch = 0
 
     def run() -> int:
+        nonlocal epoch
+        epoch += 1
+        batches.set_epoch(epoch)
         result = train_one_epoch(model, batches, optimizer, criterion, device=device, amp_dtype=amp_dtype,
-                                 scaler=scaler, log_every=log_every, epoch=1)
+                                 scaler=scaler, log_every=log_every, epoch=epoch)
         return result.totals.count
 
-    return timed(run, device)
+    return timed(run, device, repeat)
 
 
 # ----------------------------------------------------------------------------- (c) reference
@@ -172,7 +179,7 @@ class ReferenceDataset(Dataset):
 
 
 def reference_epoch(arrays: ImageArrays, aug: dict[str, Any], *, width: int, batch_size: int, num_workers: int,
-                    warmup: int, device: torch.device) -> float:
+                    warmup: int, repeat: int, device: torch.device) -> list[float]:
     """The original training loop: per-sample augmentation in workers, fp32 NCHW, .item() every step."""
     recipe = build_train_transform(aug)
     transform = A.Compose([*recipe.transforms, A.Normalize(mean=CIFAR10_MEAN, std=CIFAR10_STD), ToTensorV2()])
@@ -200,7 +207,7 @@ def reference_epoch(arrays: ImageArrays, aug: dict[str, Any], *, width: int, bat
         return seen
 
     epoch(limit=warmup)
-    return timed(epoch, device)
+    return timed(epoch, device, repeat)
 
 
 # ----------------------------------------------------------------------------- main
@@ -225,7 +232,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="(a) and (b); auto = bf16 on CUDA, fp32 on CPU (trainer.precision)")
     p.add_argument("--workers", default="auto", help="DataLoader workers of (b)'s albumentations backend")
     p.add_argument("--reference-workers", type=int, default=2, help="DataLoader workers of (c)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed run")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed part")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="timed runs of each part; the best counts (all are in the JSON under 'runs')")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--quick", action="store_true",
                    help="tiny settings that run in seconds (width 8, batch 32, 128 images, no compile)")
@@ -238,8 +247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for b in args.backends:
         if b not in BACKENDS:
             p.error(f"--backends: {b!r} is not one of {list(BACKENDS)}")
-    if args.batch_size < 1 or args.width < 1 or args.warmup < 1:
-        p.error("--batch-size, --width and --warmup must be >= 1")
+    if min(args.batch_size, args.width, args.warmup, args.repeat) < 1:
+        p.error("--batch-size, --width, --warmup and --repeat must be >= 1")
     args.images = max(args.batch_size, args.images // args.batch_size * args.batch_size)
     return args
 
@@ -270,21 +279,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"aug preset {args.preset}", flush=True)
 
     results: dict[str, Any] = {}
-    results["ceiling_img_s"] = ceiling(step_model, args.batch_size, steps, args.warmup, device, amp_dtype,
-                                       memory_format)
-    print(f"(a) ceiling (resident random batch)          {results['ceiling_img_s']:9.1f} img/s", flush=True)
+    runs: dict[str, Any] = {}  # every timed run; the results above hold the best of each
+
+    def report(label: str, img_s: list[float]) -> float:
+        print(f"{label:<46s}{max(img_s):9.1f} img/s" + (f"  (runs: {', '.join(f'{v:.1f}' for v in img_s)})"
+                                                        if len(img_s) > 1 else ""), flush=True)
+        return max(img_s)
+
+    runs["ceiling"] = ceiling(step_model, args.batch_size, steps, args.warmup, args.repeat, device, amp_dtype,
+                              memory_format)
+    results["ceiling_img_s"] = report("(a) ceiling (resident random batch)", runs["ceiling"])
     results["cifar_cam_img_s"] = {}
     for backend in args.backends:
-        results["cifar_cam_img_s"][backend] = cifar_cam_epoch(
+        runs[f"cifar_cam_{backend}"] = cifar_cam_epoch(
             step_model, arrays, {**aug, "backend": backend}, batch_size=args.batch_size, num_workers=workers,
-            warmup=args.warmup, device=device, amp_dtype=amp_dtype)
-        print(f"(b) cifar-cam epoch, aug.backend={backend:<15s}{results['cifar_cam_img_s'][backend]:9.1f} img/s",
-              flush=True)
-    results["reference_img_s"] = reference_epoch(arrays, aug, width=args.width, batch_size=args.batch_size,
-                                                 num_workers=args.reference_workers, warmup=args.warmup,
-                                                 device=device)
-    print(f"(c) reference loop ({args.reference_workers} workers)                "
-          f"{results['reference_img_s']:9.1f} img/s")
+            warmup=args.warmup, repeat=args.repeat, device=device, amp_dtype=amp_dtype)
+        results["cifar_cam_img_s"][backend] = report(f"(b) cifar-cam epoch, aug.backend={backend}",
+                                                     runs[f"cifar_cam_{backend}"])
+    runs["reference"] = reference_epoch(arrays, aug, width=args.width, batch_size=args.batch_size,
+                                        num_workers=args.reference_workers, warmup=args.warmup, repeat=args.repeat,
+                                        device=device)
+    results["reference_img_s"] = report(f"(c) reference loop ({args.reference_workers} workers)", runs["reference"])
 
     results["ratio_to_ceiling"] = {b: v / results["ceiling_img_s"] for b, v in results["cifar_cam_img_s"].items()}
     results["ratio_to_reference"] = {b: v / results["reference_img_s"] for b, v in results["cifar_cam_img_s"].items()}
@@ -297,8 +312,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "num_params": num_params, "images": args.images, "preset": args.preset, "backends": args.backends,
         "compile": args.compile, "channels_last": args.channels_last,
         "precision": str(amp_dtype or torch.float32).removeprefix("torch."), "workers": workers,
-        "reference_workers": args.reference_workers, "warmup": args.warmup, "quick": args.quick,
+        "reference_workers": args.reference_workers, "warmup": args.warmup, "repeat": args.repeat,
+        "quick": args.quick,
     }
+    results["runs"] = runs
     results["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     results["command"] = " ".join(["scripts/bench.py", *(sys.argv[1:] if argv is None else argv)])
     if args.json is not None:

@@ -27,6 +27,9 @@ def test_quick_bench_writes_every_number(tmp_path: Path) -> None:
         assert data["ratio_to_ceiling"][backend] == pytest.approx(img_s / data["ceiling_img_s"])
         assert data["ratio_to_reference"][backend] == pytest.approx(img_s / data["reference_img_s"])
         assert f"aug.backend={backend}: b/a = {data['ratio_to_ceiling'][backend]:.3f}" in result.stdout
+    assert {k: len(v) for k, v in data["runs"].items()} == {
+        "ceiling": 1, "cifar_cam_albumentations": 1, "cifar_cam_torch": 1, "reference": 1}
+    assert data["runs"]["reference"] == [data["reference_img_s"]]
     s = data["settings"]
     assert (s["width"], s["batch_size"], s["images"], s["compile"], s["quick"]) == (8, 32, 128, False, True)
     assert s["device"] == "cpu" and s["num_params"] == 176_402 and data["date"] and "--quick" in data["command"]
