@@ -77,6 +77,7 @@ class EpochTotals:
     correct: int = 0
     count: int = 0
     seconds: float = 0.0
+    last_lr: float = 0.0     # learning rate of the last step taken (what metrics.csv reports)
 
     @property
     def loss(self) -> float:
@@ -143,6 +144,8 @@ def train_one_epoch(
         totals.correct += int(correct)
         totals.count += count
         totals.step += len(lrs)
+        if lrs:
+            totals.last_lr = lrs[-1]
         totals.seconds = time.perf_counter() - t0
         loss_sum.zero_(), correct.zero_(), lrs.clear()
         count = 0

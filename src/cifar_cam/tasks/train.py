@@ -377,7 +377,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
             state.history.append({
                 "epoch": epoch, "train_loss": totals.loss, "train_acc": totals.acc,
                 "val_loss": None if val is None else val.loss, "val_acc": None if val is None else val.acc,
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": totals.last_lr,  # the LR of the epoch's last step (a scheduler may since have moved on)
                 "seconds": round(totals.seconds + time.perf_counter() - val_started, 3),
             })
             if world.is_main:  # [ddp] only rank 0 writes
