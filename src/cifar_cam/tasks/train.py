@@ -128,7 +128,12 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: i
         return None, interval
     name = sched_cfg["_target_"].rsplit(".", 1)[-1]
     if name == "OneCycleLR":
-        sched_cfg["total_steps"] = epochs * steps_per_epoch
+        sched_cfg["total_steps"] = total = epochs * steps_per_epoch
+        warmup = sched_cfg.get("pct_start", 0.3) * total
+        if warmup < 2 or total - warmup < 2:  # torch divides by a phase's length
+            raise ConfigError(f"scheduler=onecycle needs >= 2 steps in each phase, but trainer.epochs={epochs} x "
+                              f"{steps_per_epoch} batches = {total} steps with pct_start={sched_cfg.get('pct_start')}; "
+                              "train longer, lower data.batch_size, or use scheduler=cosine")
     elif name == "CosineAnnealingLR":
         sched_cfg["T_max"] = epochs * (steps_per_epoch if interval == "step" else 1)
     return instantiate(sched_cfg)(optimizer), interval
