@@ -99,3 +99,13 @@ def test_merge_with_checkpoint_keeps_architecture_but_lets_overrides_win() -> No
     assert merged.data.batch_size == 7        # the command line wins
     merged = merge_with_checkpoint(cfg, stored, ["ckpt=x", "model.width=32"])
     assert merged.model.width == 32
+
+
+def test_eval_inherits_the_runs_eval_settings() -> None:
+    """A run trained with eval.tta=true is evaluated with TTA again, so eval reproduces its test accuracy."""
+    from cifar_cam.config import MODEL_SECTIONS
+
+    cfg = _compose("eval", ["ckpt=x"])
+    stored = OmegaConf.to_container(_compose("train", ["eval.tta=true"]))
+    assert merge_with_checkpoint(cfg, stored, ["ckpt=x"], MODEL_SECTIONS).eval.tta is True
+    assert merge_with_checkpoint(cfg, stored, ["ckpt=x", "eval.tta=false"], MODEL_SECTIONS).eval.tta is False

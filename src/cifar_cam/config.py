@@ -136,7 +136,7 @@ def validate(cfg: DictConfig, command: str) -> None:
 
 # Sections of a checkpoint's config that define what was trained: eval and gradcam rebuild
 # these from the checkpoint unless the command line overrides them.
-MODEL_SECTIONS = ("data", "model")
+MODEL_SECTIONS = ("data", "model", "eval")  # eval: a run trained with eval.tta=true is evaluated with it
 
 
 def merge_with_checkpoint(cfg: DictConfig, ckpt_config: dict[str, Any], overrides: list[str],
