@@ -66,7 +66,7 @@ def test_loader_batches_are_normalized_deterministic_and_resumable() -> None:
     b = batches()  # a fresh process-like object gives the same epoch...
     b.set_epoch(2, start_batch=1)  # ...also when starting mid-epoch
     assert len(b) == 2
-    for (xa, ya), (xb, yb) in zip(xs[1:], b):
+    for (xa, ya), (xb, yb) in zip(xs[1:], b, strict=True):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
     b.set_epoch(3)
     assert not torch.equal(next(iter(b))[0], xs[0][0])

@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_cam.data import CIFAR10_MEAN, CIFAR10_STD, EvalBatches, Normalizer, build_splits, load_folder, \
-    make_synthetic, stratified_split
+from cifar_cam.data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    EvalBatches,
+    Normalizer,
+    build_splits,
+    load_folder,
+    make_synthetic,
+    stratified_split,
+)
 from cifar_cam.errors import ConfigError, DataError
 
 
@@ -79,7 +87,8 @@ def test_folder_directory_and_archive_decode_the_same(tmp_path: Path) -> None:
     root = tmp_path / "imgs"
     _write_folder(root, {"cat": 3, "dog": 2})
     train, test, classes = load_folder(str(root), cache=False)
-    assert classes == ["cat", "dog"] and train.images.shape == (5, 32, 32, 3) and train.labels.tolist() == [0, 0, 0, 1, 1]
+    assert classes == ["cat", "dog"] and train.images.shape == (5, 32, 32, 3)
+    assert train.labels.tolist() == [0, 0, 0, 1, 1]
     assert train.images[3, 0, 0, 0] >= 20  # dog pixels, RGB order kept (grey images: any channel)
     archive = tmp_path / "imgs.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:

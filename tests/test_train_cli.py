@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, SHARED_ARCHIVE, TINY, only_run_dir, run_cli
+from conftest import SHARED_ARCHIVE, TINY, only_run_dir, run_cli
 
 SUMMARY_KEYS = {"best_epoch", "best_val_acc", "test_acc", "test_loss", "epochs_run", "stopped_early",
                 "train_seconds", "images_per_second"}
@@ -153,7 +153,8 @@ def test_commands_on_a_folder_run_need_no_data_root_again(tmp_path: Path) -> Non
         for c in ("a", "b"):
             (tmp_path / "imgs" / split / c).mkdir(parents=True)
             for i in range(n):
-                cv2.imwrite(str(tmp_path / "imgs" / split / c / f"{i}.png"), rng.integers(0, 255, (32, 32, 3), np.uint8))
+                image = rng.integers(0, 255, (32, 32, 3), np.uint8)
+                cv2.imwrite(str(tmp_path / "imgs" / split / c / f"{i}.png"), image)
     first = run_cli("train", "data=folder", "data.root=imgs", "data.val_size=4", "data.batch_size=8", "model.width=8",
                     "trainer.epochs=1", cwd=tmp_path)
     assert first.returncode == 0, first.stderr

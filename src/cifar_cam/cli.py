@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cifar_cam.errors import CifarCamError, ConfigError
+from cifar_cam.errors import CifarCamError
 
 log = logging.getLogger("cifar_cam")
 

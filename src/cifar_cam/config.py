@@ -81,7 +81,7 @@ def validate(cfg: DictConfig, command: str) -> None:
     _check(c, "model.width", _int_at_least(1), "an integer >= 1")
     _check(c, "aug.preset", _choice(PRESETS), f"one of {list(PRESETS)}")
     _check(c, "aug.backend", _choice(BACKENDS), f"one of {list(BACKENDS)}")
-    for key, value in (OmegaConf.to_container(c.aug) or {}).items():
+    for key in OmegaConf.to_container(c.aug) or {}:
         if key.endswith("_p"):
             _check(c, f"aug.{key}", _number_in(0, 1), "a probability in [0, 1]")
         elif key == "rotate_limit":
@@ -97,7 +97,8 @@ def validate(cfg: DictConfig, command: str) -> None:
            optional=True)
 
     if command in ("train", "lr-find"):
-        _check(c, "optimizer.lr", lambda v: v == "auto" or (_is_number(v) and v > 0), "a number > 0 or 'auto' (run the LR range test first)")
+        _check(c, "optimizer.lr", lambda v: v == "auto" or (_is_number(v) and v > 0),
+               "a number > 0 or 'auto' (run the LR range test first)")
         _check(c, "optimizer._target_", lambda v: isinstance(v, str) and v.startswith("torch.optim."),
                "a torch.optim class")
         if "weight_decay" in c.optimizer:

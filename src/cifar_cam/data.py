@@ -41,7 +41,7 @@ class ImageArrays:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def take(self, rows: np.ndarray) -> "ImageArrays":
+    def take(self, rows: np.ndarray) -> ImageArrays:
         """The images at `rows`, keeping their source indices."""
         return ImageArrays(self.images[rows], self.labels[rows], self.index[rows])
 
@@ -132,7 +132,8 @@ class _FolderReader:
             # An archive usually holds one top folder (cifar10-jpg/train/...): strip it.
             tops = {n.split("/")[0] for n in names if n}
             self.prefix = tops.pop() + "/" if len(tops) == 1 and "train" not in tops else ""
-            self._members = {n[len(self.prefix):]: m for n, m in zip(names, members) if n.startswith(self.prefix)}
+            self._members = {n[len(self.prefix):]: m
+                             for n, m in zip(names, members, strict=True) if n.startswith(self.prefix)}
             self.names = [n for n, m in self._members.items() if n]
         else:
             names = []
@@ -272,7 +273,7 @@ def stratified_split(labels: np.ndarray, val_size: int, seed: int) -> tuple[np.n
     for i in np.argsort(-(quota - take), kind="stable")[: val_size - take.sum()]:
         take[i] += 1
     val_rows = []
-    for cls, k in zip(classes, take):
+    for cls, k in zip(classes, take, strict=True):
         rows = np.flatnonzero(labels == cls)
         val_rows.append(rng.permutation(rows)[:k])
     val = np.sort(np.concatenate(val_rows))

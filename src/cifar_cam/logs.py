@@ -44,8 +44,14 @@ class Bars:
     """
 
     def __init__(self, outer_label: str, outer_total: int, enabled: bool | None = None) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-            TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.enabled = console().is_terminal if enabled is None else enabled
         self.progress = Progress(
@@ -56,7 +62,7 @@ class Bars:
         self.outer = self.progress.add_task(outer_label, total=outer_total, info="")
         self.inner = self.progress.add_task("", total=1, info="", visible=False)
 
-    def __enter__(self) -> "Bars":
+    def __enter__(self) -> Bars:
         self.progress.__enter__()
         return self
 

@@ -117,7 +117,8 @@ def check_classes(payload: dict[str, Any], splits: DataSplits) -> None:
     """Refuses data whose classes differ from the checkpoint's."""
     if list(payload["classes"]) != list(splits.classes):
         raise CheckpointError(
-            f"ckpt={payload['path']} was trained on {len(payload['classes'])} classes {list(payload['classes'])[:4]}..., "
+            f"ckpt={payload['path']} was trained on {len(payload['classes'])} classes "
+            f"{list(payload['classes'])[:4]}..., "
             f"but the data has {splits.num_classes} {splits.classes[:4]}...; use the data it was trained on"
         )
 

@@ -13,8 +13,15 @@ from cifar_cam.checkpoint import model_from_checkpoint
 from cifar_cam.data import EvalBatches
 from cifar_cam.engine import Predictions, metrics_from, predict, resolve_precision
 from cifar_cam.logs import console
-from cifar_cam.tasks.common import check_classes, checkpoint_and_config, load_data, percent, run_dir, \
-    setup_runtime, write_json
+from cifar_cam.tasks.common import (
+    check_classes,
+    checkpoint_and_config,
+    load_data,
+    percent,
+    run_dir,
+    setup_runtime,
+    write_json,
+)
 
 log = logging.getLogger("cifar_cam.eval")
 
@@ -45,7 +52,7 @@ def eval_(cfg: DictConfig) -> float:
 
     metrics = {
         "accuracy": result.acc, "loss": result.loss, "n": result.n,
-        "per_class_accuracy": dict(zip(splits.classes, result.per_class_acc)),
+        "per_class_accuracy": dict(zip(splits.classes, result.per_class_acc, strict=True)),
         "confusion_matrix": result.confusion.tolist(),
         "checkpoint": payload["path"], "checkpoint_epoch": payload["epoch"], "tta": cfg.eval.tta,
     }

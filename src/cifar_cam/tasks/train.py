@@ -88,7 +88,7 @@ class StopOnSignal:
         self.signum = signum
         log.warning("%s received: stopping after this step (again to abort)", name)
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> StopOnSignal:
         for s in (signal.SIGINT, signal.SIGTERM):
             self._previous[s] = signal.signal(s, self._handle)
         return self
@@ -112,7 +112,7 @@ class TrainState:
     train_seconds: float = 0.0
 
     @classmethod
-    def from_checkpoint(cls, payload: dict[str, Any]) -> "TrainState":
+    def from_checkpoint(cls, payload: dict[str, Any]) -> TrainState:
         """The state a checkpoint saved."""
         return cls(payload["epoch"], payload["best_val_acc"], payload["best_epoch"], payload["bad_epochs"],
                    list(payload["history"]), payload.get("partial"), payload.get("train_images", 0),
@@ -431,7 +431,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
         "num_params": num_params,
         "device": str(device),
         "world_size": world.size,  # [ddp] processes that trained; a step saw world_size x data.batch_size images
-        "per_class_test_acc": dict(zip(splits.classes, test.per_class_acc)),
+        "per_class_test_acc": dict(zip(splits.classes, test.per_class_acc, strict=True)),
     }
     write_json(out / "summary.json", summary)
     log.info("test accuracy %s (loss %.4f) with the best checkpoint (epoch %d, val %s)%s", percent(test.acc),
