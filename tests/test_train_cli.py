@@ -135,9 +135,10 @@ def test_smoke_command_from_readme_reaches_090(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_ARCHIVE.exists(), reason="real CIFAR-10 JPEG archive not in ../shared/data")
 def test_real_images_beat_chance_after_one_short_epoch(tmp_path: Path) -> None:
-    result = run_cli("train", "data=folder", f"data.root={SHARED_ARCHIVE}", "data.subset=5000", "data.val_size=1000",
-                     "model.width=16", "trainer.epochs=1", "aug=crop_flip", "scheduler=onecycle",
-                     "optimizer.lr=0.2", cwd=tmp_path, timeout=900)
+    # 10,000 images in batches of 64 (156 steps, ~17 s here): 36.6% test on 2026-11-24
+    result = run_cli("train", "data=folder", f"data.root={SHARED_ARCHIVE}", "data.subset=10000", "data.val_size=1000",
+                     "data.batch_size=64", "model.width=16", "trainer.epochs=1", "aug=none", "scheduler=onecycle",
+                     "optimizer.lr=0.1", cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr
     summary = json.loads((only_run_dir(tmp_path / "outputs" / "train") / "summary.json").read_text())
     assert summary["test_acc"] > 0.30, summary
