@@ -167,3 +167,9 @@ def test_commands_on_a_folder_run_need_no_data_root_again(tmp_path: Path) -> Non
     resumed = run_cli("train", f"ckpt={run}", "trainer.epochs=2", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert [r["epoch"] for r in csv.DictReader((run / "metrics.csv").open())] == ["1", "2"]
+
+
+def test_cli_module_starts_without_torch() -> None:
+    """`import cifar_cam.cli` stays light: torch loads only when a command runs (fast --help, clean Ctrl-C)."""
+    code = "import sys, cifar_cam.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

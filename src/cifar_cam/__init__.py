@@ -1,7 +1,22 @@
 """cifar-cam: a config-driven experiment runner for CIFAR-10 (ResNet18, Grad-CAM, LR finder)."""
 
-from cifar_cam.cam import GradCAM
-from cifar_cam.checkpoint import load_model
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 __all__ = ["GradCAM", "load_model", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    """`from cifar_cam import GradCAM, load_model` imports torch only then, so the CLI starts light
+    (and a Ctrl-C while torch loads reaches the CLI's handler instead of printing a traceback)."""
+    if name == "GradCAM":
+        from cifar_cam.cam import GradCAM
+
+        return GradCAM
+    if name == "load_model":
+        from cifar_cam.checkpoint import load_model
+
+        return load_model
+    raise AttributeError(f"module 'cifar_cam' has no attribute {name!r}")
