@@ -16,8 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifar_cam.checkpoint import load_checkpoint
 from cifar_cam.config import MODEL_SECTIONS, merge_with_checkpoint, validate
-from cifar_cam.data import DataSplits, build_splits
-from cifar_cam.engine import resolve_device
+from cifar_cam.data import DataSplits, EvalBatches, build_splits
+from cifar_cam.engine import Predictions, predict, resolve_device, resolve_precision
 from cifar_cam.errors import CheckpointError
 
 log = logging.getLogger("cifar_cam")
@@ -111,6 +111,20 @@ def checkpoint_and_config(cfg: DictConfig, command: str, prefer: str = "best",
     merged = merge_with_checkpoint(cfg, payload["config"], cli_overrides(), sections, payload.get("choices"))
     validate(merged, command)
     return payload, merged
+
+
+def checkpoint_model(payload: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    """The checkpoint's model on `device` (channels_last), in eval mode."""
+    from cifar_cam.checkpoint import model_from_checkpoint
+
+    return model_from_checkpoint(payload).to(device, memory_format=torch.channels_last).eval()
+
+
+def predict_test(model: torch.nn.Module, splits: DataSplits, cfg: DictConfig, device: torch.device,
+                 tta: bool = False) -> Predictions:
+    """The model's logits for the whole test set, in eval.batch_size batches at trainer.precision."""
+    return predict(model, EvalBatches(splits.test, cfg.eval.batch_size, device), device=device,
+                   amp_dtype=resolve_precision(cfg.trainer.precision, device), tta=tta)
 
 
 def check_classes(payload: dict[str, Any], splits: DataSplits) -> None:

@@ -9,15 +9,15 @@ from omegaconf import DictConfig
 from rich.table import Table
 
 from cifar_cam import viz
-from cifar_cam.checkpoint import model_from_checkpoint
-from cifar_cam.data import EvalBatches
-from cifar_cam.engine import Predictions, metrics_from, predict, resolve_precision
+from cifar_cam.engine import Predictions, metrics_from
 from cifar_cam.logs import console
 from cifar_cam.tasks.common import (
     check_classes,
     checkpoint_and_config,
+    checkpoint_model,
     load_data,
     percent,
+    predict_test,
     run_dir,
     setup_runtime,
     write_json,
@@ -44,10 +44,7 @@ def eval_(cfg: DictConfig) -> float:
     device = setup_runtime(cfg)
     splits = load_data(cfg)
     check_classes(payload, splits)
-    model = model_from_checkpoint(payload).to(device, memory_format=torch.channels_last)
-    amp_dtype = resolve_precision(cfg.trainer.precision, device)
-    predictions = predict(model, EvalBatches(splits.test, cfg.eval.batch_size, device), device=device,
-                          amp_dtype=amp_dtype, tta=cfg.eval.tta)
+    predictions = predict_test(checkpoint_model(payload, device), splits, cfg, device, tta=cfg.eval.tta)
     result = metrics_from(predictions, splits.num_classes)
 
     metrics = {

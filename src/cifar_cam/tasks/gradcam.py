@@ -16,14 +16,14 @@ from omegaconf import DictConfig
 
 from cifar_cam import viz
 from cifar_cam.cam import GradCAM, LayerHooks, resolve_layers
-from cifar_cam.checkpoint import model_from_checkpoint
-from cifar_cam.data import EvalBatches, Normalizer
-from cifar_cam.engine import predict, resolve_precision
+from cifar_cam.data import Normalizer
 from cifar_cam.tasks.common import (
     check_classes,
     checkpoint_and_config,
+    checkpoint_model,
     load_data,
     percent,
+    predict_test,
     run_dir,
     setup_runtime,
     write_json,
@@ -50,15 +50,14 @@ def gradcam(cfg: DictConfig) -> float:
     g = cfg.gradcam
     layers = [str(name) for name in g.target_layers]
     device = setup_runtime(cfg)
-    model = model_from_checkpoint(payload).to(device, memory_format=torch.channels_last).eval()
+    model = checkpoint_model(payload, device)
     resolve_layers(model, layers)  # unknown layer names fail before the data loads, not after the test pass
     splits = load_data(cfg)
     check_classes(payload, splits)
     classes = splits.classes
 
     started = time.perf_counter()
-    predictions = predict(model, EvalBatches(splits.test, cfg.eval.batch_size, device), device=device,
-                          amp_dtype=resolve_precision(cfg.trainer.precision, device))
+    predictions = predict_test(model, splits, cfg, device)  # no TTA: the maps explain single forward passes
     test_seconds = time.perf_counter() - started
     n_test = len(predictions.labels)
     n_wrong = int((predictions.predicted != predictions.labels).sum())
