@@ -160,7 +160,7 @@ def explain_hydra_error(e: Exception, config_name: str, overrides: list[str]) ->
     return f"bad override ({first})"
 
 
-def precheck(command: str, overrides: list[str]) -> Any:
+def precheck(command: str, overrides: list[str], payloads: dict[str, dict[str, Any]] | None = None) -> Any:
     """Composes the config as Hydra will and validates it; one line and exit 2 on any problem."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -172,7 +172,7 @@ def precheck(command: str, overrides: list[str]) -> Any:
 
     config_name = COMMANDS[command][0]
     checked: set[tuple[str, str]] = set()  # (what, path): data roots and checkpoints are checked once
-    payloads: dict[str, dict[str, Any]] = {}
+    payloads = {} if payloads is None else payloads
     first_cfg = None
     try:
         variants = _sweep_variants(overrides)
@@ -193,7 +193,7 @@ def precheck(command: str, overrides: list[str]) -> Any:
                 check_root(cfg.data.root)
                 checked.add(("root", str(cfg.data.root)))
             if cfg.get("ckpt") and ("ckpt", str(cfg.ckpt)) not in checked:
-                check_checkpoint(command, cfg, single)
+                check_checkpoint(command, cfg, single, payloads)
                 checked.add(("ckpt", str(cfg.ckpt)))
         except CifarCamError as e:
             fail(command, str(e), e.exit_code)
@@ -208,32 +208,37 @@ def with_checkpoint_config(command: str, cfg: Any, overrides: list[str], cache: 
     """
     from omegaconf import OmegaConf
 
-    from cifar_cam.checkpoint import load_checkpoint
     from cifar_cam.config import MODEL_SECTIONS, merge_with_checkpoint
 
     if "ckpt" not in cfg or OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
         return cfg
-    key = str(cfg.ckpt)
-    if key not in cache:
-        cache[key] = load_checkpoint(cfg.ckpt, prefer="last" if command == "train" else "best")
-    payload = cache[key]
+    payload = cached_checkpoint(command, str(cfg.ckpt), cache)
     sections = None if command == "train" else MODEL_SECTIONS
     return merge_with_checkpoint(cfg, payload["config"], overrides, sections, payload.get("choices"))
 
 
-def check_checkpoint(command: str, cfg: Any, overrides: list[str]) -> None:
+def cached_checkpoint(command: str, ckpt: str, cache: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`ckpt=` loaded once per invocation (train resumes from last.pt, the others read best.pt)."""
+    from cifar_cam.checkpoint import load_checkpoint
+
+    if ckpt not in cache:
+        cache[ckpt] = load_checkpoint(ckpt, prefer="last" if command == "train" else "best")
+    return cache[ckpt]
+
+
+def check_checkpoint(command: str, cfg: Any, overrides: list[str], cache: dict[str, dict[str, Any]]) -> None:
     """`ckpt=` before any work: readable, ours, weights that fit; for train, a resume that can continue."""
-    from cifar_cam.checkpoint import load_checkpoint, model_from_checkpoint
+    from cifar_cam.checkpoint import model_from_checkpoint
 
     if command == "train":
         from cifar_cam.tasks.train import resume_config
 
         resume_config(cfg, overrides)
     else:
-        model_from_checkpoint(load_checkpoint(cfg.ckpt, prefer="best"))
+        model_from_checkpoint(cached_checkpoint(command, str(cfg.ckpt), cache))
 
 
-def inherit_choices(command: str, overrides: list[str]) -> list[str]:
+def inherit_choices(command: str, overrides: list[str], cache: dict[str, dict[str, Any]] | None = None) -> list[str]:
     """Prepends the config-group choices stored in `ckpt=`'s checkpoint (data=..., model=...).
 
     `cifar-cam eval ckpt=RUN data.test_size=100` then composes against the data group the run
@@ -242,11 +247,10 @@ def inherit_choices(command: str, overrides: list[str]) -> list[str]:
     ckpt = next((o.split("=", 1)[1] for o in overrides if o.startswith("ckpt=")), None)
     if command not in ("eval", "gradcam", "train", "lr-find") or not ckpt:
         return overrides
-    from cifar_cam.checkpoint import load_checkpoint
     from cifar_cam.config import MODEL_SECTIONS
 
     try:
-        payload = load_checkpoint(ckpt, prefer="last" if command == "train" else "best")
+        payload = cached_checkpoint(command, ckpt, {} if cache is None else cache)
     except CifarCamError as e:
         fail(command, str(e), e.exit_code)
     groups = set(payload.get("choices", {})) if command == "train" else set(MODEL_SECTIONS)
@@ -394,8 +398,9 @@ def _main(argv: list[str] | None) -> None:
     flags = {f.split("=", 1)[0] for f in flag_args if f.startswith("-")}
     extra: list[str] = []
     if not flags & INFO_FLAGS:
-        overrides = inherit_choices(command, overrides)
-        cfg = precheck(command, overrides)
+        payloads: dict[str, dict[str, Any]] = {}  # ckpt= is read once for all the checks below
+        overrides = inherit_choices(command, overrides, payloads)
+        cfg = precheck(command, overrides, payloads)
         multirun = bool(flags & {"-m", "--multirun"})
         world = join_ranks(command, cfg, multirun)  # [ddp] torchrun's ranks: one run dir, chosen by rank 0
         keys = {o.split("=", 1)[0] for o in overrides}
