@@ -13,7 +13,7 @@ Backends (aug.backend):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -329,6 +329,42 @@ class DeviceBatches:
             self.generator.manual_seed(batch_seed(self.seed, self.epoch, batch * self.world_size + self.rank))
             params = self.augment.draw(len(index), self.generator)
             yield self.augment.apply(self.images, index, params), self.labels[index]
+
+
+# ----------------------------------------------------------------------------- progressive resizing
+
+
+def epoch_image_size(schedule: Sequence[int] | None, epoch: int, full_size: int) -> int:
+    """The training image size of `epoch` (1-based): schedule[epoch - 1] while the schedule lasts, then full size."""
+    if schedule and epoch <= len(schedule):
+        return int(schedule[epoch - 1])
+    return full_size
+
+
+def downscale(images: Tensor, size: int) -> Tensor:
+    """Normalized NCHW batches shrunk to size x size by area averaging (each output pixel the mean of its window).
+
+    The convnet is resolution-agnostic up to its global pooling, and its cost grows with the pixel
+    count: a 16-pixel epoch costs about a third of a 32-pixel one on a CPU. Area averaging is 2x
+    cheaper than antialiased bilinear here and exact for integer factors.
+    """
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return F.interpolate(images, size=(size, size), mode="area")
+
+
+class ResizedBatches:
+    """Wraps training batches (either backend) so that every image comes out at `size` x `size` pixels."""
+
+    def __init__(self, batches: Iterable[tuple[Tensor, Tensor]], size: int) -> None:
+        self.batches, self.size = batches, size
+
+    def __len__(self) -> int:
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for images, labels in self.batches:
+            yield downscale(images, self.size), labels
 
 
 TrainBatches = LoaderBatches | DeviceBatches

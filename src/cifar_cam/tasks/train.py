@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from cifar_cam import distributed, viz
-from cifar_cam.augment import build_train_batches
+from cifar_cam.augment import ResizedBatches, build_train_batches, epoch_image_size
 from cifar_cam.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
@@ -256,6 +256,11 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
     batches = build_train_batches(splits.train, cfg.aug, batch_size=cfg.data.batch_size,
                                   num_workers=resolve_num_workers(cfg.data.num_workers), seed=cfg.seed, device=device,
                                   rank=world.rank, world_size=world.size)  # [ddp] this rank's shard
+    full_size = splits.train.images.shape[1]
+    resize_schedule = list(t.get("progressive_resize") or [])
+    if any(size > full_size for size in resize_schedule):
+        raise ConfigError(f"trainer.progressive_resize={resize_schedule} has sizes above the {full_size}-pixel "
+                          "images: progressive resizing only shrinks")
     val_batches = EvalBatches(splits.val, cfg.eval.batch_size, device) if splits.val is not None else None
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
 
@@ -336,13 +341,15 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
             partial = EpochTotals(**state.partial) if state.partial else None
             state.partial = None
             batches.set_epoch(epoch, start_batch=partial.step if partial else 0)
+            size = epoch_image_size(resize_schedule, epoch, full_size)  # progressive resizing: cheap early epochs
+            epoch_batches = batches if size == full_size else ResizedBatches(batches, size)
             bars.start_inner(f"epoch {epoch}", len(batches) + (partial.step if partial else 0),
                              partial.step if partial else 0)
             stop.unarmed_message = (f"in epoch {epoch}; {ckpt_dir / 'last.pt'} keeps what it last saved; "
                                     f"{resume_hint}")
             try:
                 result = train_one_epoch(
-                    train_model, batches, optimizer, criterion, device=device, amp_dtype=amp_dtype, scaler=scaler,
+                    train_model, epoch_batches, optimizer, criterion, device=device, amp_dtype=amp_dtype, scaler=scaler,
                     step_scheduler=scheduler if interval == "step" else None, log_every=log_every, start=partial,
                     on_progress=lambda tot, n: bars.update_inner(tot.step,
                                                                  f"loss {tot.loss:.3f} acc {percent(tot.acc)}"),
@@ -392,10 +399,10 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
                 save_checkpoint(payload(), ckpt_dir / "last.pt")
                 viz.plot_curves(state.history, out / "curves.png")
             row = state.history[-1]
-            log.info("epoch %d/%d  train loss %.4f acc %s  val loss %s acc %s  lr %.3g  %.1fs%s",
+            log.info("epoch %d/%d  train loss %.4f acc %s  val loss %s acc %s  lr %.3g  %.1fs%s%s",
                      epoch, t.epochs, row["train_loss"], percent(row["train_acc"]),
                      "-" if val is None else f"{val.loss:.4f}", percent(row["val_acc"]), row["lr"],
-                     row["seconds"], "  *best*" if improved else "")
+                     row["seconds"], "" if size == full_size else f"  ({size}px)", "  *best*" if improved else "")
             bars.advance_outer(epoch, f"best {percent(state.best_val_acc)}")
             if stop.requested():  # the signal came during validation or the checkpoint writes
                 name = signal.Signals(stop.signum).name  # type: ignore[arg-type]
