@@ -9,6 +9,9 @@ Backends (aug.backend):
   albumentations  per image on the CPU, in a DataLoader (LoaderBatches)
   torch           per batch on the training device, from a uint8 copy of the split held there
                   (DeviceBatches): same presets, same distributions, no DataLoader
+
+Progressive resizing (trainer.progressive_resize): ResizedBatches shrinks either backend's batches
+on the device for the epochs the schedule lists.
 """
 
 from __future__ import annotations

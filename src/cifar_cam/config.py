@@ -51,12 +51,8 @@ def _number_in(low: float, high: float, high_open: bool = False) -> Callable[[An
     return lambda v: _is_number(v) and low <= v and (v < high if high_open else v <= high)
 
 
-def _sizes_for(epochs: Any) -> Callable[[Any], bool]:
-    def ok(v: Any) -> bool:
-        if not (isinstance(v, (list, tuple)) or OmegaConf.is_list(v)):
-            return False
-        return all(_is_int(s) and s >= 8 for s in v) and (not _is_int(epochs) or len(v) <= epochs)
-    return ok
+def _image_sizes(v: Any) -> bool:
+    return (isinstance(v, (list, tuple)) or OmegaConf.is_list(v)) and all(_is_int(s) and s >= 8 for s in v)
 
 
 def _choice(choices: Iterable[str]) -> Callable[[Any], bool]:
@@ -124,8 +120,13 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check(c, "trainer.channels_last", lambda v: isinstance(v, bool), "true or false")
         _check(c, "trainer.deterministic", lambda v: isinstance(v, bool), "true or false")
         _check(c, "trainer.strategy", _choice(("auto", "single", "ddp")), "auto, single or ddp", optional=True)
-        _check(c, "trainer.progressive_resize", _sizes_for(_get(c, "trainer.epochs")),
-               "null or a list of image sizes (integers >= 8), at most one per epoch (trainer.epochs)", optional=True)
+        _check(c, "trainer.progressive_resize", _image_sizes, "null or a list of image sizes (integers >= 8)",
+               optional=True)
+        sizes, epochs = _get(c, "trainer.progressive_resize"), _get(c, "trainer.epochs")
+        if sizes is not None and len(sizes) > epochs:
+            raise ConfigError(f"trainer.progressive_resize lists {len(sizes)} epochs but trainer.epochs={epochs}: "
+                              "shorten it (e.g. trainer.progressive_resize=[12,16]) or pass "
+                              "trainer.progressive_resize=null")
         _check(c, "trainer.sync_batchnorm", lambda v: isinstance(v, bool), "true or false", optional=True)
     if command == "lr-find" or (command == "train" and _get(c, "optimizer.lr") == "auto"):
         _check(c, "lr_find.start_lr", lambda v: _is_number(v) and v > 0, "a number > 0")
