@@ -9,6 +9,7 @@ import torch
 
 import cifar_cam.tasks.train as train_task
 from cifar_cam.augment import ResizedBatches, downscale, epoch_image_size
+from cifar_cam.config import validate
 from cifar_cam.errors import ConfigError
 from conftest import TINY, compose_cfg
 
@@ -70,9 +71,7 @@ def test_train_feeds_each_epoch_at_its_scheduled_size(tmp_path: Path, monkeypatc
     assert (tmp_path / "run" / "summary.json").is_file()
 
 
-def test_sizes_above_the_images_are_refused(tmp_path: Path) -> None:
-    cfg = compose_cfg("train", [*TINY, "data.image_size=16", "trainer.progressive_resize=[24]"],
-                      run_dir=tmp_path / "run")
+def test_sizes_above_the_images_are_refused_before_any_work() -> None:
+    cfg = compose_cfg("train", [*TINY, "data.image_size=16", "trainer.progressive_resize=[24]"])
     with pytest.raises(ConfigError, match=r"progressive_resize=\[24\] has sizes above the 16-pixel images"):
-        train_task.train(cfg)
-
+        validate(cfg, "train")

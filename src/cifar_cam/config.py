@@ -123,10 +123,14 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check(c, "trainer.progressive_resize", _image_sizes, "null or a list of image sizes (integers >= 8)",
                optional=True)
         sizes, epochs = _get(c, "trainer.progressive_resize"), _get(c, "trainer.epochs")
+        full_size = OmegaConf.select(c, "data.image_size", default=32)  # what load_data gives every source
         if sizes is not None and len(sizes) > epochs:
             raise ConfigError(f"trainer.progressive_resize lists {len(sizes)} epochs but trainer.epochs={epochs}: "
                               "shorten it (e.g. trainer.progressive_resize=[12,16]) or pass "
                               "trainer.progressive_resize=null")
+        if sizes is not None and any(size > full_size for size in sizes):
+            raise ConfigError(f"trainer.progressive_resize={list(sizes)} has sizes above the {full_size}-pixel "
+                              "images: progressive resizing only shrinks")
         _check(c, "trainer.sync_batchnorm", lambda v: isinstance(v, bool), "true or false", optional=True)
     if command == "lr-find" or (command == "train" and _get(c, "optimizer.lr") == "auto"):
         _check(c, "lr_find.start_lr", lambda v: _is_number(v) and v > 0, "a number > 0")

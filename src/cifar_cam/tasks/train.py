@@ -257,10 +257,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
                                   num_workers=resolve_num_workers(cfg.data.num_workers), seed=cfg.seed, device=device,
                                   rank=world.rank, world_size=world.size)  # [ddp] this rank's shard
     full_size = splits.train.images.shape[1]
-    resize_schedule = list(t.get("progressive_resize") or [])
-    if any(size > full_size for size in resize_schedule):
-        raise ConfigError(f"trainer.progressive_resize={resize_schedule} has sizes above the {full_size}-pixel "
-                          "images: progressive resizing only shrinks")
+    resize_schedule = list(t.get("progressive_resize") or [])  # sizes checked against data.image_size by validate
     val_batches = EvalBatches(splits.val, cfg.eval.batch_size, device) if splits.val is not None else None
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
 
