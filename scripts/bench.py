@@ -12,8 +12,12 @@ All three run in one process, on the same model (ResNet18 at --width) and --batc
                  fp32, NCHW, no compile, `.item()` every step
 
 (a) shares (b)'s settings, so b/a is what the data path and the loop cost; b/c is the speed-up over
-the original way of training. Images are synthetic (make_synthetic): throughput does not depend
-on their content, and JPEG decoding happens once, before training, in both projects.
+the original way of training. The parts run in rounds (--repeat), back to back, in alternating order
+(a b c, then c b a, ...), and each ratio is the median over rounds of the ratio within one round: a
+machine whose speed drifts from minute to minute (shared VMs do, by 30%) slows both sides of a
+ratio alike. The img/s printed for each part is its best round. Images are synthetic
+(make_synthetic): throughput does not depend on their content, and JPEG decoding happens once,
+before training, in both projects.
 
     python scripts/bench.py --device cpu --json bench.json
     python scripts/bench.py --quick          # seconds: checks that every path runs, measures nothing
@@ -26,6 +30,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -77,24 +82,37 @@ def sgd(model: nn.Module) -> torch.optim.Optimizer:
                            weight_decay=cfg.weight_decay)
 
 
-def timed(fn: Callable[[], int], device: torch.device, repeat: int) -> list[float]:
-    """Images per second of each of `repeat` calls of fn (which returns the number of images it trained on)."""
-    runs = []
-    for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        images = fn()
-        sync(device)
-        runs.append(images / (time.perf_counter() - t0))
+Run = Callable[[], int]  # one timed run of a part: trains, returns the number of images it trained on
+
+
+def interleaved(parts: dict[str, Run], device: torch.device, repeat: int) -> dict[str, list[float]]:
+    """Images per second of each part in each of `repeat` rounds; odd rounds run the parts in reverse order.
+
+    Running every part once per round, with the order reversed every other round, spreads a drift of
+    the machine's speed over all parts alike instead of charging it to whichever part ran during it.
+    """
+    runs: dict[str, list[float]] = {name: [] for name in parts}
+    for r in range(repeat):
+        for name in (list(parts) if r % 2 == 0 else list(reversed(parts))):
+            sync(device)
+            t0 = time.perf_counter()
+            images = parts[name]()
+            sync(device)
+            runs[name].append(images / (time.perf_counter() - t0))
     return runs
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median over rounds of numerator[r] / denominator[r] (img/s measured in the same round)."""
+    return statistics.median(n / d for n, d in zip(numerator, denominator, strict=True))
 
 
 # ----------------------------------------------------------------------------- (a) ceiling
 
 
-def ceiling(model: nn.Module, batch_size: int, steps: int, warmup: int, repeat: int, device: torch.device,
-            amp_dtype: torch.dtype | None, memory_format: torch.memory_format) -> list[float]:
-    """fwd + bwd + step on one resident random batch: what the model alone can do."""
+def ceiling(model: nn.Module, batch_size: int, steps: int, warmup: int, device: torch.device,
+            amp_dtype: torch.dtype | None, memory_format: torch.memory_format) -> Run:
+    """fwd + bwd + step on one resident random batch: what the model alone can do (warmed up)."""
     criterion = nn.CrossEntropyLoss()
     optimizer = sgd(model)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
@@ -122,15 +140,14 @@ def ceiling(model: nn.Module, batch_size: int, steps: int, warmup: int, repeat: 
             step()
         return steps * batch_size
 
-    return timed(run, device, repeat)
+    return run
 
 
 # ----------------------------------------------------------------------------- (b) cifar-cam
 
 
 def cifar_cam_epoch(model: nn.Module, arrays: ImageArrays, aug: dict[str, Any], *, batch_size: int,
-                    num_workers: int, warmup: int, repeat: int, device: torch.device,
-                    amp_dtype: torch.dtype | None) -> list[float]:
+                    num_workers: int, warmup: int, device: torch.device, amp_dtype: torch.dtype | None) -> Run:
     """Real training epochs (1, 2, ...) through build_train_batches + train_one_epoch, after `warmup` steps."""
     criterion = nn.CrossEntropyLoss()
     optimizer = sgd(model)
@@ -159,7 +176,7 @@ def cifar_cam_epoch(model: nn.Module, arrays: ImageArrays, aug: dict[str, Any], 
                                  scaler=scaler, log_every=log_every, epoch=epoch)
         return result.totals.count
 
-    return timed(run, device, repeat)
+    return run
 
 
 # ----------------------------------------------------------------------------- (c) reference
@@ -179,7 +196,7 @@ class ReferenceDataset(Dataset):
 
 
 def reference_epoch(arrays: ImageArrays, aug: dict[str, Any], *, width: int, batch_size: int, num_workers: int,
-                    warmup: int, repeat: int, device: torch.device) -> list[float]:
+                    warmup: int, device: torch.device) -> Run:
     """The original training loop: per-sample augmentation in workers, fp32 NCHW, .item() every step."""
     recipe = build_train_transform(aug)
     transform = A.Compose([*recipe.transforms, A.Normalize(mean=CIFAR10_MEAN, std=CIFAR10_STD), ToTensorV2()])
@@ -207,7 +224,7 @@ def reference_epoch(arrays: ImageArrays, aug: dict[str, Any], *, width: int, bat
         return seen
 
     epoch(limit=warmup)
-    return timed(epoch, device, repeat)
+    return epoch
 
 
 # ----------------------------------------------------------------------------- main
@@ -233,8 +250,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", default="auto", help="DataLoader workers of (b)'s albumentations backend")
     p.add_argument("--reference-workers", type=int, default=2, help="DataLoader workers of (c)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed part")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="timed runs of each part; the best counts (all are in the JSON under 'runs')")
+    p.add_argument("--repeat", type=int, default=2,
+                   help="rounds: each part is timed once per round, in alternating order; img/s is a part's best "
+                        "round, a ratio the median of its within-round ratios (every round is in the JSON's 'runs')")
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--quick", action="store_true",
                    help="tiny settings that run in seconds (width 8, batch 32, 128 images, no compile)")
@@ -278,34 +296,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{'channels_last' if args.channels_last else 'NCHW'}, {'compiled' if args.compile else 'eager'}; "
           f"aug preset {args.preset}", flush=True)
 
-    results: dict[str, Any] = {}
-    runs: dict[str, Any] = {}  # every timed run; the results above hold the best of each
+    # Set up and warm up every part first (compilation, workers), then time them in interleaved rounds.
+    parts: dict[str, Run] = {"ceiling": ceiling(step_model, args.batch_size, steps, args.warmup, device, amp_dtype,
+                                                memory_format)}
+    for backend in args.backends:
+        parts[f"cifar_cam_{backend}"] = cifar_cam_epoch(
+            step_model, arrays, {**aug, "backend": backend}, batch_size=args.batch_size, num_workers=workers,
+            warmup=args.warmup, device=device, amp_dtype=amp_dtype)
+    parts["reference"] = reference_epoch(arrays, aug, width=args.width, batch_size=args.batch_size,
+                                         num_workers=args.reference_workers, warmup=args.warmup, device=device)
+    runs = interleaved(parts, device, args.repeat)
 
     def report(label: str, img_s: list[float]) -> float:
-        print(f"{label:<46s}{max(img_s):9.1f} img/s" + (f"  (runs: {', '.join(f'{v:.1f}' for v in img_s)})"
+        print(f"{label:<46s}{max(img_s):9.1f} img/s" + (f"  (rounds: {', '.join(f'{v:.1f}' for v in img_s)})"
                                                         if len(img_s) > 1 else ""), flush=True)
         return max(img_s)
 
-    runs["ceiling"] = ceiling(step_model, args.batch_size, steps, args.warmup, args.repeat, device, amp_dtype,
-                              memory_format)
-    results["ceiling_img_s"] = report("(a) ceiling (resident random batch)", runs["ceiling"])
-    results["cifar_cam_img_s"] = {}
-    for backend in args.backends:
-        runs[f"cifar_cam_{backend}"] = cifar_cam_epoch(
-            step_model, arrays, {**aug, "backend": backend}, batch_size=args.batch_size, num_workers=workers,
-            warmup=args.warmup, repeat=args.repeat, device=device, amp_dtype=amp_dtype)
-        results["cifar_cam_img_s"][backend] = report(f"(b) cifar-cam epoch, aug.backend={backend}",
-                                                     runs[f"cifar_cam_{backend}"])
-    runs["reference"] = reference_epoch(arrays, aug, width=args.width, batch_size=args.batch_size,
-                                        num_workers=args.reference_workers, warmup=args.warmup, repeat=args.repeat,
-                                        device=device)
+    results: dict[str, Any] = {"ceiling_img_s": report("(a) ceiling (resident random batch)", runs["ceiling"])}
+    results["cifar_cam_img_s"] = {b: report(f"(b) cifar-cam epoch, aug.backend={b}", runs[f"cifar_cam_{b}"])
+                                  for b in args.backends}
     results["reference_img_s"] = report(f"(c) reference loop ({args.reference_workers} workers)", runs["reference"])
-
-    results["ratio_to_ceiling"] = {b: v / results["ceiling_img_s"] for b, v in results["cifar_cam_img_s"].items()}
-    results["ratio_to_reference"] = {b: v / results["reference_img_s"] for b, v in results["cifar_cam_img_s"].items()}
+    results["ratio_to_ceiling"] = {b: paired_ratio(runs[f"cifar_cam_{b}"], runs["ceiling"]) for b in args.backends}
+    results["ratio_to_reference"] = {b: paired_ratio(runs[f"cifar_cam_{b}"], runs["reference"])
+                                     for b in args.backends}
     for b in args.backends:
         print(f"aug.backend={b}: b/a = {results['ratio_to_ceiling'][b]:.3f}   "
-              f"b/c = {results['ratio_to_reference'][b]:.3f}")
+              f"b/c = {results['ratio_to_reference'][b]:.3f}" + ("   (medians of the ratios within each round)"
+                                                                  if args.repeat > 1 else ""))
     results["settings"] = {
         "device": str(device), "machine": machine(device), "torch": torch.__version__,
         "python": platform.python_version(), "batch_size": args.batch_size, "width": args.width,
