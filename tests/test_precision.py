@@ -196,5 +196,7 @@ def test_speed_presets_compose_validate_and_use_whole_batches(preset: str) -> No
     assert cfg.data.val_size == 0 and 50_000 % cfg.data.batch_size == 0
     assert cfg.model.width == {"fast": 64, "cpu_quick": 16}[preset]
     assert cfg.trainer.precision == {"fast": "auto", "cpu_quick": "fp32"}[preset]
+    # the underfitting 0.7M-parameter model: no Cutout, crops shifted by 2 px at most (+0.7 points measured)
+    assert (cfg.aug.pad, cfg.aug.cutout_p) == {"fast": (4, 0.5), "cpu_quick": (2, 0.0)}[preset]
     sizes = list(cfg.trainer.progressive_resize or [])  # shrunk early epochs; the last ones at the test's 32 px
     assert len(sizes) <= cfg.trainer.epochs - 2 and all(s < 32 for s in sizes) and sizes == sorted(sizes)
