@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import cifar_cam.tasks.common as common
 import cifar_cam.tasks.train as train_task
 from cifar_cam.augment import ResizedBatches, downscale, epoch_image_size
-from cifar_cam.config import validate
+from cifar_cam.config import DEFAULT_IMAGE_SIZE, image_size, validate
 from cifar_cam.errors import ConfigError
 from conftest import TINY, compose_cfg
 
@@ -75,3 +76,24 @@ def test_sizes_above_the_images_are_refused_before_any_work() -> None:
     cfg = compose_cfg("train", [*TINY, "data.image_size=16", "trainer.progressive_resize=[24]"])
     with pytest.raises(ConfigError, match=r"progressive_resize=\[24\] has sizes above the 16-pixel images"):
         validate(cfg, "train")
+
+
+
+def test_cifar10_configs_without_image_size_are_checked_and_loaded_at_32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """data=cifar10 sets no data.image_size: validate and load_data must agree on CIFAR's 32 pixels."""
+    cfg = compose_cfg("train", ["data=cifar10", f"trainer.progressive_resize=[{DEFAULT_IMAGE_SIZE + 8}]"])
+    assert "image_size" not in cfg.data
+    assert image_size(cfg) == DEFAULT_IMAGE_SIZE == 32
+    with pytest.raises(ConfigError, match=r"sizes above the 32-pixel images"):
+        validate(cfg, "train")
+    asked: dict[str, object] = {}
+
+    def fake_build_splits(*args: object, **kwargs: object) -> object:
+        asked.update(kwargs)
+        raise RuntimeError("stop before loading")
+
+    monkeypatch.setattr(common, "build_splits", fake_build_splits)
+    with pytest.raises(RuntimeError, match="stop before loading"):
+        common.load_data(cfg)
+    assert asked["image_size"] == 32
+    assert image_size(compose_cfg("train", [*TINY, "data.image_size=24"])) == 24

@@ -18,6 +18,12 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 CAM_METHODS = ("gradcam", "gradcam++")
 CAM_SELECT = ("most_confident", "first", "random")
+DEFAULT_IMAGE_SIZE = 32  # CIFAR's own size: what every data source gives when data.image_size is not set
+
+
+def image_size(cfg: DictConfig) -> int:
+    """The side of the square images that load_data gives for `cfg` (data.image_size, else CIFAR's 32)."""
+    return int(OmegaConf.select(cfg, "data.image_size", default=DEFAULT_IMAGE_SIZE))
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -123,7 +129,7 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check(c, "trainer.progressive_resize", _image_sizes, "null or a list of image sizes (integers >= 8)",
                optional=True)
         sizes, epochs = _get(c, "trainer.progressive_resize"), _get(c, "trainer.epochs")
-        full_size = OmegaConf.select(c, "data.image_size", default=32)  # what load_data gives every source
+        full_size = image_size(c)
         if sizes is not None and len(sizes) > epochs:
             raise ConfigError(f"trainer.progressive_resize lists {len(sizes)} epochs but trainer.epochs={epochs}: "
                               "shorten it (e.g. trainer.progressive_resize=[12,16]) or pass "

@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_cam.checkpoint import load_checkpoint
-from cifar_cam.config import MODEL_SECTIONS, merge_with_checkpoint, validate
+from cifar_cam.config import MODEL_SECTIONS, image_size, merge_with_checkpoint, validate
 from cifar_cam.data import DataSplits, EvalBatches, build_splits
 from cifar_cam.engine import Predictions, predict, resolve_device, resolve_precision
 from cifar_cam.errors import CheckpointError
@@ -96,7 +96,7 @@ def load_data(cfg: DictConfig) -> DataSplits:
     d = cfg.data
     splits = build_splits(
         d.source, d.get("root"), val_size=d.val_size, subset=d.subset, seed=cfg.seed,
-        cache=d.get("cache", True), image_size=d.get("image_size", 32),
+        cache=d.get("cache", True), image_size=image_size(cfg),
         num_classes=d.get("num_classes", 10), train_size=d.get("train_size", 640), test_size=d.get("test_size", 256),
     )
     log.info("data: %s, %d classes; train %d, val %d, test %d images", d.source, splits.num_classes,
