@@ -78,7 +78,6 @@ def test_sizes_above_the_images_are_refused_before_any_work() -> None:
         validate(cfg, "train")
 
 
-
 def test_cifar10_configs_without_image_size_are_checked_and_loaded_at_32(monkeypatch: pytest.MonkeyPatch) -> None:
     """data=cifar10 sets no data.image_size: validate and load_data must agree on CIFAR's 32 pixels."""
     cfg = compose_cfg("train", ["data=cifar10", f"trainer.progressive_resize=[{DEFAULT_IMAGE_SIZE + 8}]"])
