@@ -173,3 +173,14 @@ def test_cli_module_starts_without_torch() -> None:
     """`import cifar_cam.cli` stays light: torch loads only when a command runs (fast --help, clean Ctrl-C)."""
     code = "import sys, cifar_cam.cli; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("args", [["train", "nosuchkey=1"], ["train", "model.name=vgg"], ["eval", "aug.backend=jax"],
+                                  ["train", "--cfg", "job"], ["gradcam", "--help"]])
+def test_refused_input_and_info_flags_never_import_torch(args: list[str]) -> None:
+    """The precheck and Hydra's --help / --cfg need no torch: a typo is refused in about a second."""
+    code = ("import sys\nfrom cifar_cam.cli import main\ncode = 0\ntry:\n    main(sys.argv[1:])\n"
+            "except SystemExit as e:\n    code = e.code\nprint(code, 'torch' in sys.modules, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    expected = "0" if "--cfg" in args or "--help" in args else "2"
+    assert done.stderr.strip().splitlines()[-1] == f"{expected} False", done.stderr

@@ -28,11 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cifar_cam.choices import BACKENDS, PRESETS
 from cifar_cam.data import CIFAR10_MEAN, CIFAR10_STD, ImageArrays, Normalizer
 from cifar_cam.errors import ConfigError
 
-PRESETS = ("seed", "crop_flip", "none")
-BACKENDS = ("albumentations", "torch")
 # Cutout fills with the dataset mean: after normalization the hole is ~0, not a black square.
 MEAN_PIXEL = tuple(round(255 * m) for m in CIFAR10_MEAN)
 

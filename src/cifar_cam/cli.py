@@ -167,8 +167,6 @@ def precheck(command: str, overrides: list[str], payloads: dict[str, dict[str, A
     from omegaconf.errors import OmegaConfBaseException
 
     from cifar_cam.config import validate
-    from cifar_cam.data import check_root
-    from cifar_cam.engine import resolve_device
 
     config_name = COMMANDS[command][0]
     checked: set[tuple[str, str]] = set()  # (what, path): data roots and checkpoints are checked once
@@ -187,7 +185,10 @@ def precheck(command: str, overrides: list[str], payloads: dict[str, dict[str, A
         try:
             cfg = with_checkpoint_config(command, cfg, single, payloads)
             first_cfg = cfg if first_cfg is None else first_cfg
-            validate(cfg, command)
+            validate(cfg, command)  # torch is imported only past this line: bad keys are refused in ~1 s
+            from cifar_cam.data import check_root
+            from cifar_cam.engine import resolve_device
+
             resolve_device(cfg.trainer.device)
             if cfg.data.source == "folder" and ("root", str(cfg.data.root)) not in checked:
                 check_root(cfg.data.root)
@@ -294,8 +295,10 @@ def failed_jobs_in_logs(sweep_dir: Path, command: str) -> list[tuple[int, str, s
     return sorted(found)
 
 
-def task_entry(command: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """Wraps a task: errors become one line + exit code; in a sweep, a failed job is noted and the rest run."""
+def task_entry(command: str, target: str) -> Callable[[Any], Any]:
+    """Wraps a task ("module:function"): errors become one line + exit code; in a sweep, a failed job is
+    noted and the rest run. The task's module (torch and all) is imported only when a task runs, not
+    for --help, --cfg or input the precheck refuses."""
 
     def task(cfg: Any) -> Any:
         from hydra.core.hydra_config import HydraConfig
@@ -303,7 +306,8 @@ def task_entry(command: str, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
         multirun = HydraConfig.get().mode == RunMode.MULTIRUN
         try:
-            return fn(cfg)
+            module_name, fn_name = target.split(":")
+            return getattr(importlib.import_module(module_name), fn_name)(cfg)
         except CifarCamError as e:
             log.error("%s", e, extra={"file_only": True})
             if multirun and e.exit_code < 128:  # a signal (exit 128 + n) stops the whole sweep
@@ -385,14 +389,6 @@ def _main(argv: list[str] | None) -> None:
         fail(None, f"unknown command '{command}'" + (f" (did you mean {close[0]}?)" if close else "")
              + f"; commands: {', '.join([*COMMANDS, 'report'])}")
     config_name, target, _ = COMMANDS[command]
-    module_name, fn_name = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        fail(command, "not yet implemented in this version")
-    fn = getattr(module, fn_name)
 
     overrides, flag_args = split_args(rest)
     flags = {f.split("=", 1)[0] for f in flag_args if f.startswith("-")}
@@ -426,7 +422,7 @@ def _main(argv: list[str] | None) -> None:
 
     # Flags first: Hydra's argparse refuses overrides on both sides of a flag (`a=1 -m b=2`).
     sys.argv = [f"cifar-cam {command}", *flag_args, *overrides, *extra]
-    hydra.main(config_path=config_dir(), config_name=config_name, version_base="1.3")(task_entry(command, fn))()
+    hydra.main(config_path=config_dir(), config_name=config_name, version_base="1.3")(task_entry(command, target))()
     sweep_dir = next((a.split("=", 1)[1].strip("'") for a in [*overrides, *extra] if a.startswith("hydra.sweep.dir=")),
                      None)
     if not FAILED_JOBS and sweep_dir and flags & {"-m", "--multirun"}:

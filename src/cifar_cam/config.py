@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cifar_cam.choices import BACKENDS, MODEL_NAMES, PRESETS, SOURCES
 from cifar_cam.errors import ConfigError
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
@@ -68,10 +69,6 @@ def _choice(choices: Iterable[str]) -> Callable[[Any], bool]:
 
 def validate(cfg: DictConfig, command: str) -> None:
     """Checks every key `command` uses; raises ConfigError naming the first bad one."""
-    from cifar_cam.augment import BACKENDS, PRESETS
-    from cifar_cam.data import SOURCES
-    from cifar_cam.models import MODELS
-
     c = cfg
     _check(c, "seed", _is_int, "an integer")
     _check(c, "data.source", _choice(SOURCES), f"one of {list(SOURCES)}")
@@ -87,7 +84,7 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check(c, "data.train_size", _int_at_least(2), "an integer >= 2")
         _check(c, "data.test_size", _int_at_least(1), "an integer >= 1")
         _check(c, "data.image_size", _int_at_least(8), "an integer >= 8")
-    _check(c, "model.name", _choice(MODELS), f"one of {sorted(MODELS)}")
+    _check(c, "model.name", _choice(MODEL_NAMES), f"one of {list(MODEL_NAMES)}")
     _check(c, "model.width", _int_at_least(1), "an integer >= 1")
     _check(c, "aug.preset", _choice(PRESETS), f"one of {list(PRESETS)}")
     _check(c, "aug.backend", _choice(BACKENDS), f"one of {list(BACKENDS)}")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cifar_cam.choices import SOURCES
 from cifar_cam.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,6 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # not the (0.2023, 0.1994, 0.2010) found in many repos
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
-SOURCES = ("cifar10", "folder", "synthetic")
 
 
 @dataclass

@@ -1,0 +1,12 @@
+"""The names a config may choose from, importable without torch.
+
+`config.validate` checks a config against these before anything heavy is imported, so bad
+input is refused in about a second; the modules that implement each choice import them from here.
+"""
+
+from __future__ import annotations
+
+SOURCES = ("cifar10", "folder", "synthetic")  # data.source (data.py)
+PRESETS = ("seed", "crop_flip", "none")  # aug.preset (augment.py)
+BACKENDS = ("albumentations", "torch")  # aug.backend (augment.py)
+MODEL_NAMES = ("resnet18",)  # model.name (models/resnet.py: MODELS holds their builders)
