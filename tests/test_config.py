@@ -109,3 +109,15 @@ def test_eval_inherits_the_runs_eval_settings() -> None:
     stored = OmegaConf.to_container(_compose("train", ["eval.tta=true"]))
     assert merge_with_checkpoint(cfg, stored, ["ckpt=x"], MODEL_SECTIONS).eval.tta is True
     assert merge_with_checkpoint(cfg, stored, ["ckpt=x", "eval.tta=false"], MODEL_SECTIONS).eval.tta is False
+
+
+def test_every_validated_choice_is_one_the_code_implements() -> None:
+    """config.validate checks names against choices.py (torch-free); the code behind each must have the same."""
+    from cifar_cam import choices
+    from cifar_cam.cam.gradcam import METHODS
+    from cifar_cam.models import MODELS
+    from cifar_cam.tasks.gradcam import SELECTED
+
+    assert set(choices.MODEL_NAMES) == set(MODELS)
+    assert set(choices.CAM_METHODS) == set(METHODS)
+    assert set(choices.CAM_SELECT) == set(SELECTED)

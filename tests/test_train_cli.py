@@ -181,6 +181,6 @@ def test_refused_input_and_info_flags_never_import_torch(args: list[str]) -> Non
     """The precheck and Hydra's --help / --cfg need no torch: a typo is refused in about a second."""
     code = ("import sys\nfrom cifar_cam.cli import main\ncode = 0\ntry:\n    main(sys.argv[1:])\n"
             "except SystemExit as e:\n    code = e.code\nprint(code, 'torch' in sys.modules, file=sys.stderr)")
-    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     expected = "0" if "--cfg" in args or "--help" in args else "2"
     assert done.stderr.strip().splitlines()[-1] == f"{expected} False", done.stderr

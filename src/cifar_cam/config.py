@@ -12,13 +12,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_cam.choices import BACKENDS, MODEL_NAMES, PRESETS, SOURCES
+from cifar_cam.choices import BACKENDS, CAM_METHODS, CAM_SELECT, MODEL_NAMES, PRECISIONS, PRESETS, SOURCES, STRATEGIES
 from cifar_cam.errors import ConfigError
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-CAM_METHODS = ("gradcam", "gradcam++")
-CAM_SELECT = ("most_confident", "first", "random")
 DEFAULT_IMAGE_SIZE = 32  # CIFAR's own size: what every data source gives when data.image_size is not set
 
 
@@ -122,7 +119,7 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check(c, "trainer.compile", lambda v: isinstance(v, bool), "true or false")
         _check(c, "trainer.channels_last", lambda v: isinstance(v, bool), "true or false")
         _check(c, "trainer.deterministic", lambda v: isinstance(v, bool), "true or false")
-        _check(c, "trainer.strategy", _choice(("auto", "single", "ddp")), "auto, single or ddp", optional=True)
+        _check(c, "trainer.strategy", _choice(STRATEGIES), "auto, single or ddp", optional=True)
         _check(c, "trainer.progressive_resize", _image_sizes, "null or a list of image sizes (integers >= 8)",
                optional=True)
         sizes, epochs = _get(c, "trainer.progressive_resize"), _get(c, "trainer.epochs")

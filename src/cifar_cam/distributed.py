@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cifar_cam.choices import STRATEGIES
 from cifar_cam.engine import EpochTotals
 from cifar_cam.errors import ConfigError
 
-STRATEGIES = ("auto", "single", "ddp")
 T = TypeVar("T")
 
 
