@@ -6,7 +6,7 @@ All three run in one process, on the same model (ResNet18 at --width) and --batc
   (a) ceiling    forward + backward + SGD step on resident random tensors: no data pipeline at all
   (b) cifar-cam  engine.train_one_epoch over augment.build_train_batches, once per aug.backend,
                  with cifar-cam's defaults (channels_last, torch.compile unless --no-compile,
-                 precision auto: bf16 on CUDA, fp32 on CPU) and the --preset recipe from conf/aug/
+                 precision auto: bf16 on CUDA and on CPUs with AMX, else fp32) and the --preset recipe from conf/aug/
   (c) reference  the loop of the original project: a map-style Dataset applying albumentations per
                  sample (the same recipe plus Normalize + ToTensorV2) in a DataLoader with workers,
                  fp32, NCHW, no compile, `.item()` every step
@@ -246,7 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="channels_last model in (a) and (b) (trainer.channels_last)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
-                   help="(a) and (b); auto = bf16 on CUDA, fp32 on CPU (trainer.precision)")
+                   help="(a) and (b); auto = bf16 on CUDA and on CPUs with AMX, else fp32 (trainer.precision)")
     p.add_argument("--workers", default="auto", help="DataLoader workers of (b)'s albumentations backend")
     p.add_argument("--reference-workers", type=int, default=2, help="DataLoader workers of (c)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed part")

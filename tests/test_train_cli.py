@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cifar_cam.engine import precision_name, resolve_precision
 from conftest import SHARED_ARCHIVE, TINY, only_run_dir, run_cli
 
 SUMMARY_KEYS = {"best_epoch", "best_val_acc", "test_acc", "test_loss", "epochs_run", "stopped_early",
@@ -30,6 +31,7 @@ def test_train_writes_every_spec_file(trained_run: Path) -> None:
     assert SUMMARY_KEYS <= set(summary)
     assert summary["epochs_run"] == 2 and summary["stopped_early"] is False
     assert 0 <= summary["test_acc"] <= 1 and summary["images_per_second"] > 0
+    assert summary["precision"] == precision_name(resolve_precision("auto", torch.device("cpu")))  # by the CPU
     assert summary["best_val_acc"] == max(float(r["val_acc"]) for r in rows)
     with Image.open(trained_run / "curves.png") as im:
         assert im.size[0] > 800 and im.size[1] > 250

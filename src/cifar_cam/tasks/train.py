@@ -31,7 +31,7 @@ from cifar_cam.checkpoint import (
 )
 from cifar_cam.config import merge_with_checkpoint, validate
 from cifar_cam.data import EvalBatches, resolve_num_workers
-from cifar_cam.engine import EpochTotals, evaluate, resolve_precision, train_one_epoch
+from cifar_cam.engine import EpochTotals, evaluate, precision_name, resolve_precision, train_one_epoch
 from cifar_cam.errors import CheckpointError, CifarCamError, ConfigError, DivergenceError
 from cifar_cam.logs import Bars
 from cifar_cam.models import build_model
@@ -434,6 +434,7 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
         "tta": cfg.eval.tta,
         "num_params": num_params,
         "device": str(device),
+        "precision": precision_name(amp_dtype),  # what trainer.precision (auto: by the hardware) resolved to
         "world_size": world.size,  # [ddp] processes that trained; a step saw world_size x data.batch_size images
         "per_class_test_acc": dict(zip(splits.classes, test.per_class_acc, strict=True)),
     }
