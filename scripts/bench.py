@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from cifar_cam.augment import BACKENDS, PRESETS, build_train_batches, build_train_transform
 from cifar_cam.cli import config_dir
 from cifar_cam.data import CIFAR10_MEAN, CIFAR10_STD, ImageArrays, make_synthetic, resolve_num_workers
-from cifar_cam.engine import autocast, resolve_precision, train_one_epoch
+from cifar_cam.engine import autocast, precision_name, resolve_precision, train_one_epoch
 from cifar_cam.models import build_model
 
 NUM_CLASSES = 10
@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     step_model = torch.compile(model) if args.compile else model  # compiled once, shared by (a) and (b)
     print(f"device: {device} ({machine(device)}), torch {torch.__version__}")
     print(f"model: ResNet18 width {args.width} ({num_params:,} parameters), batch {args.batch_size}, "
-          f"{args.images} images, precision {amp_dtype or torch.float32}, "
+          f"{args.images} images, precision {precision_name(amp_dtype)}, "
           f"{'channels_last' if args.channels_last else 'NCHW'}, {'compiled' if args.compile else 'eager'}; "
           f"aug preset {args.preset}", flush=True)
 
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(), "batch_size": args.batch_size, "width": args.width,
         "num_params": num_params, "images": args.images, "preset": args.preset, "backends": args.backends,
         "compile": args.compile, "channels_last": args.channels_last,
-        "precision": str(amp_dtype or torch.float32).removeprefix("torch."), "workers": workers,
+        "precision": precision_name(amp_dtype), "workers": workers,
         "reference_workers": args.reference_workers, "warmup": args.warmup, "repeat": args.repeat,
         "quick": args.quick,
     }

@@ -13,6 +13,7 @@ from types import ModuleType
 import pytest
 import torch
 
+from cifar_cam.engine import precision_name, resolve_precision
 from conftest import REPO
 
 BENCH = REPO / "scripts" / "bench.py"
@@ -42,6 +43,7 @@ def test_quick_bench_writes_every_number(tmp_path: Path) -> None:
     s = data["settings"]
     assert (s["width"], s["batch_size"], s["images"], s["compile"], s["quick"]) == (8, 32, 128, False, True)
     assert s["device"] == "cpu" and s["num_params"] == 176_402 and data["date"] and "--quick" in data["command"]
+    assert s["precision"] == precision_name(resolve_precision("auto", torch.device("cpu")))  # bf16 only with AMX
 
 
 def load_bench() -> ModuleType:
