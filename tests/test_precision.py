@@ -159,12 +159,14 @@ def test_batches_follow_the_models_memory_format(channels_last: bool) -> None:
     assert rec.input_channels_last == [channels_last] * 4
 
 
-def test_cli_trains_in_bf16_with_the_torch_backend(tmp_path: Path) -> None:
+def test_cli_trains_in_bf16_with_the_torch_backend(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from cifar_cam.tasks.train import train
 
     run = tmp_path / "run"
     cfg = compose_cfg("train", [*TINY, "trainer.precision=bf16", "aug.backend=torch", "aug=crop_flip"], run_dir=run)
-    train(cfg)
+    with caplog.at_level("INFO", logger="cifar_cam"):
+        train(cfg)
+    assert "on cpu, bf16 autocast" in caplog.text  # the model line names the precision as the config does
     summary = json.loads((run / "summary.json").read_text())
     assert summary["epochs_run"] == 2 and 0 <= summary["test_acc"] <= 1 and summary["precision"] == "bf16"
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["config"]["trainer"]["precision"] == "bf16"

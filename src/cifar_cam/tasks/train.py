@@ -304,7 +304,8 @@ def _train(cfg: DictConfig, stop: StopOnSignal) -> float:
     log_every = (1 if device.type == "cpu" else 50) if t.log_every == "auto" else t.log_every
     patience, min_delta = t.early_stopping.patience, t.early_stopping.min_delta
     log.info("model: %s width %d, %s parameters, on %s%s%s", cfg.model.name, cfg.model.width, f"{num_params:,}",
-             device, "" if amp_dtype is None else f", {amp_dtype} autocast", ", compiled" if t.compile else "")
+             device, "" if amp_dtype is None else f", {precision_name(amp_dtype)} autocast",
+             ", compiled" if t.compile else "")
     log.info("run dir: %s", out)
 
     def payload(partial: EpochTotals | None = None) -> dict[str, Any]:
