@@ -34,6 +34,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # trainer.precision -> autocast dtype (fp32: none)
+
+
 def cpu_has_amx() -> bool:
     """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later): oneDNN then runs bf16 convolutions fast."""
     check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so looked up; absent: assume none
@@ -56,12 +59,12 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return AMP_DTYPES[precision]
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
     """What resolve_precision chose, in trainer.precision's words: 'bf16', 'fp16' or 'fp32'."""
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")  # type: ignore[arg-type]
+    return next((name for name, amp in AMP_DTYPES.items() if amp == dtype), "fp32")
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
