@@ -28,7 +28,7 @@ def test_spec_choices_exist() -> None:
     assert {"cifar10", "folder", "synthetic"} <= set(_choices("data"))
     assert {"resnet18"} <= set(_choices("model"))
     assert {"seed", "crop_flip", "none"} <= set(_choices("aug"))
-    assert {"sgd", "adam", "adamw"} <= set(_choices("optimizer"))
+    assert {"sgd", "adam", "adamw", "muon"} <= set(_choices("optimizer"))
     assert {"plateau", "onecycle", "cosine", "none"} <= set(_choices("scheduler"))
     assert {"fast", "cpu_quick"} <= set(_choices("experiment"))
 
@@ -62,6 +62,18 @@ def test_experiment_presets_override_groups() -> None:
     assert fast.scheduler.max_lr == fast.optimizer.lr  # interpolation follows the optimizer
     quick = _compose("train", ["experiment=cpu_quick"])
     assert quick.model.width < 64
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "muon"])
+def test_cpu_quick_builds_with_any_optimizer(optimizer: str) -> None:
+    """The preset sets only keys every optimizer has, so swapping its Muon for another still builds."""
+    import torch
+    from hydra.utils import instantiate
+
+    cfg = _compose("train", ["experiment=cpu_quick", f"optimizer={optimizer}", "data=synthetic"])
+    validate(cfg, "train")
+    built = instantiate(cfg.optimizer)(torch.nn.Conv2d(3, 4, 3).parameters())
+    assert built.param_groups[0]["lr"] == 0.04
 
 
 @pytest.mark.parametrize(

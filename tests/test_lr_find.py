@@ -182,3 +182,15 @@ def test_cli_prints_the_train_command(tmp_path: Path) -> None:
     assert "See the graph" not in output  # torch-lr-finder's own prints are silenced
     run = next((tmp_path / "outputs" / "lr-find").iterdir())
     assert {p.name for p in run.iterdir()} >= {"lr_find.png", "lr_find.json", "lr-find.log", ".hydra"}
+
+
+def test_lr_find_sweeps_muon_and_names_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The range test drives both of Muon's groups through one lr (the rest at lr * aux_lr_scale)."""
+    cfg = compose_cfg("lr-find", [*TINY, "lr_find.num_iter=18", "optimizer=muon"], run_dir=tmp_path)
+    with caplog.at_level(logging.INFO, logger="cifar_cam"):
+        suggested = lr_find(cfg)
+    result = json.loads((tmp_path / "lr_find.json").read_text())
+    assert result["optimizer"] == "Muon" and len(result["lr"]) == 18
+    assert all(math.isfinite(v) for v in result["loss"][:5])
+    lines = [r.getMessage() for r in caplog.records if "to train with it:" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].endswith(f"optimizer=muon optimizer.lr={suggested:.3g}")
