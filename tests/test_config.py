@@ -74,6 +74,7 @@ def test_cpu_quick_builds_with_any_optimizer(optimizer: str) -> None:
     validate(cfg, "train")
     built = instantiate(cfg.optimizer)(torch.nn.Conv2d(3, 4, 3).parameters())
     assert built.param_groups[0]["lr"] == 0.04
+    assert type(built).__name__ == {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "muon": "Muon"}[optimizer]
 
 
 @pytest.mark.parametrize(

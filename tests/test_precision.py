@@ -222,7 +222,7 @@ def test_speed_presets_compose_validate_and_use_whole_batches(preset: str) -> No
     assert cfg.trainer.precision == "auto"  # bf16 on CUDA and on AMX CPUs, fp32 on CPUs where bf16 is slower
     # the underfitting 0.7M-parameter model: no Cutout, crops shifted by 2 px at most (+0.7 points measured)
     assert (cfg.aug.pad, cfg.aug.cutout_p) == {"fast": (4, 0.5), "cpu_quick": (2, 0.0)}[preset]
-    # Muon on the CPU preset's filters: +0.70 points over SGD on the same 14 epochs (docs/benchmarks.md)
+    # Muon on the CPU preset's filters: +1.22 points over SGD on the same 14 epochs (docs/benchmarks.md)
     assert cfg.optimizer._target_ == {"fast": "torch.optim.SGD", "cpu_quick": "cifar_cam.optim.Muon"}[preset]
     sizes = list(cfg.trainer.progressive_resize or [])  # shrunk early epochs; the last ones at the test's 32 px
     assert len(sizes) <= cfg.trainer.epochs - 2 and all(s < 32 for s in sizes) and sizes == sorted(sizes)

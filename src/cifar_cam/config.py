@@ -104,7 +104,7 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check(c, "optimizer.lr", lambda v: v == "auto" or (_is_number(v) and v > 0),
                "a number > 0 or 'auto' (run the LR range test first)")
         _check(c, "optimizer._target_",
-               lambda v: isinstance(v, str) and v.startswith(("torch.optim.", "cifar_cam.optim.")),
+               lambda v: isinstance(v, str) and (v.startswith("torch.optim.") or v == "cifar_cam.optim.Muon"),
                "a torch.optim class or cifar_cam.optim.Muon")
         if "weight_decay" in c.optimizer:
             _check(c, "optimizer.weight_decay", _number_in(0, float("inf")), "a number >= 0")
@@ -112,6 +112,8 @@ def validate(cfg: DictConfig, command: str) -> None:
             _check(c, "optimizer.momentum", _number_in(0, 1, high_open=True), "a number in [0, 1)")
         if "aux_lr_scale" in c.optimizer:
             _check(c, "optimizer.aux_lr_scale", lambda v: _is_number(v) and v > 0, "a number > 0")
+        if "nesterov" in c.optimizer:
+            _check(c, "optimizer.nesterov", lambda v: isinstance(v, bool), "true or false")
         if "ns_steps" in c.optimizer:
             _check(c, "optimizer.ns_steps", _int_at_least(1), "an integer >= 1")
         _check(c, "scheduler.interval", _choice(("epoch", "step")), "epoch or step")
