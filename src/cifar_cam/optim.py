@@ -90,7 +90,7 @@ class Muon(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 g = p.grad
-                if wd and not group["muon"]:
+                if wd:  # 0 for the filters (set in __init__): their norm is fixed instead
                     g = g.add(p, alpha=wd)
                 state = self.state[p]
                 if "momentum_buffer" not in state:
