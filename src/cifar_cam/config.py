@@ -39,6 +39,14 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _is_bool(v: Any) -> bool:
+    return isinstance(v, bool)
+
+
+def _positive(v: Any) -> bool:
+    return _is_number(v) and v > 0
+
+
 def _check(cfg: DictConfig, key: str, ok: Callable[[Any], bool], want: str, optional: bool = False) -> None:
     value = _get(cfg, key)
     if value is None and optional:
@@ -93,7 +101,7 @@ def validate(cfg: DictConfig, command: str) -> None:
         elif key in ("cutout_size", "pad"):
             _check(c, f"aug.{key}", _int_at_least(0), "an integer >= 0 (pixels)")
     _check(c, "eval.batch_size", _int_at_least(1), "an integer >= 1")
-    _check(c, "eval.tta", lambda v: isinstance(v, bool), "true or false")
+    _check(c, "eval.tta", _is_bool, "true or false")
     _check(c, "trainer.device", lambda v: isinstance(v, str) and bool(DEVICE_PATTERN.match(v)),
            "auto, cpu, cuda or cuda:N")
     _check(c, "trainer.precision", _choice(PRECISIONS), f"one of {list(PRECISIONS)}")
@@ -101,7 +109,7 @@ def validate(cfg: DictConfig, command: str) -> None:
            optional=True)
 
     if command in ("train", "lr-find"):
-        _check(c, "optimizer.lr", lambda v: v == "auto" or (_is_number(v) and v > 0),
+        _check(c, "optimizer.lr", lambda v: v == "auto" or _positive(v),
                "a number > 0 or 'auto' (run the LR range test first)")
         _check(c, "optimizer._target_",
                lambda v: isinstance(v, str) and (v.startswith("torch.optim.") or v == "cifar_cam.optim.Muon"),
@@ -111,9 +119,9 @@ def validate(cfg: DictConfig, command: str) -> None:
         if "momentum" in c.optimizer:
             _check(c, "optimizer.momentum", _number_in(0, 1, high_open=True), "a number in [0, 1)")
         if "aux_lr_scale" in c.optimizer:
-            _check(c, "optimizer.aux_lr_scale", lambda v: _is_number(v) and v > 0, "a number > 0")
+            _check(c, "optimizer.aux_lr_scale", _positive, "a number > 0")
         if "nesterov" in c.optimizer:
-            _check(c, "optimizer.nesterov", lambda v: isinstance(v, bool), "true or false")
+            _check(c, "optimizer.nesterov", _is_bool, "true or false")
         if "ns_steps" in c.optimizer:
             _check(c, "optimizer.ns_steps", _int_at_least(1), "an integer >= 1")
         _check(c, "scheduler.interval", _choice(("epoch", "step")), "epoch or step")
@@ -123,9 +131,9 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check(c, "trainer.early_stopping.min_delta", _number_in(0, 1), "a fraction in [0, 1]")
         _check(c, "trainer.label_smoothing", _number_in(0, 1, high_open=True), "a number in [0, 1)")
         _check(c, "trainer.log_every", lambda v: v == "auto" or (_is_int(v) and v >= 1), "'auto' or an integer >= 1")
-        _check(c, "trainer.compile", lambda v: isinstance(v, bool), "true or false")
-        _check(c, "trainer.channels_last", lambda v: isinstance(v, bool), "true or false")
-        _check(c, "trainer.deterministic", lambda v: isinstance(v, bool), "true or false")
+        _check(c, "trainer.compile", _is_bool, "true or false")
+        _check(c, "trainer.channels_last", _is_bool, "true or false")
+        _check(c, "trainer.deterministic", _is_bool, "true or false")
         _check(c, "trainer.strategy", _choice(STRATEGIES), "auto, single or ddp", optional=True)
         _check(c, "trainer.progressive_resize", _image_sizes, "null or a list of image sizes (integers >= 8)",
                optional=True)
@@ -138,9 +146,9 @@ def validate(cfg: DictConfig, command: str) -> None:
         if sizes is not None and any(size > full_size for size in sizes):
             raise ConfigError(f"trainer.progressive_resize={list(sizes)} has sizes above the {full_size}-pixel "
                               "images: progressive resizing only shrinks")
-        _check(c, "trainer.sync_batchnorm", lambda v: isinstance(v, bool), "true or false", optional=True)
+        _check(c, "trainer.sync_batchnorm", _is_bool, "true or false", optional=True)
     if command == "lr-find" or (command == "train" and _get(c, "optimizer.lr") == "auto"):
-        _check(c, "lr_find.start_lr", lambda v: _is_number(v) and v > 0, "a number > 0")
+        _check(c, "lr_find.start_lr", _positive, "a number > 0")
         _check(c, "lr_find.end_lr", lambda v: _is_number(v) and v > _get(c, "lr_find.start_lr"),
                f"a number > lr_find.start_lr ({_get(c, 'lr_find.start_lr')})")
         _check(c, "lr_find.num_iter", _int_at_least(2), "an integer >= 2")
@@ -148,7 +156,7 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check(c, "gradcam.num_images", _int_at_least(1), "an integer >= 1")
         _check(c, "gradcam.method", _choice(CAM_METHODS), f"one of {list(CAM_METHODS)}")
         _check(c, "gradcam.select", _choice(CAM_SELECT), f"one of {list(CAM_SELECT)}")
-        _check(c, "gradcam.target", lambda v: isinstance(v, bool), "true or false")
+        _check(c, "gradcam.target", _is_bool, "true or false")
         _check(c, "gradcam.target_layers", lambda v: isinstance(v, (list, tuple)) or OmegaConf.is_list(v),
                "a list of layer names, e.g. [layer3,layer4]")
     if command in ("eval", "gradcam") and OmegaConf.is_missing(c, "ckpt"):
