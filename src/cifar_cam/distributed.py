@@ -171,7 +171,7 @@ def all_reduce_totals(totals: EpochTotals, start: EpochTotals | None, w: World) 
                        dtype=torch.float64)
     dist.all_reduce(own)  # gloo: a CPU tensor of three numbers
     return EpochTotals(step=totals.step, loss_sum=base.loss_sum + float(own[0]), correct=base.correct + int(own[1]),
-                       count=base.count + int(own[2]), seconds=totals.seconds)
+                       count=base.count + int(own[2]), seconds=totals.seconds, last_lr=totals.last_lr)
 
 
 def from_rank0(value: float, w: World) -> float:

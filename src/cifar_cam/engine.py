@@ -89,6 +89,32 @@ def input_memory_format(model: nn.Module) -> torch.memory_format:
     return torch.contiguous_format
 
 
+# oneDNN (torch 2.14.1, AVX2 CPUs) crashes or spins in the weight gradient of a strided 1x1 conv with
+# fewer than this many input channels in channels_last (../GOTCHAS.md); NCHW is fine.
+ONEDNN_MIN_CHANNELS = 8
+
+
+def unsafe_channels_last(model: nn.Module, device: torch.device) -> str | None:
+    """Why `model` must not train in channels_last on `device` (the oneDNN fault), or None when it may."""
+    if device.type != "cpu":
+        return None
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
+                and m.in_channels < ONEDNN_MIN_CHANNELS):
+            return (f"{name} is a strided 1x1 convolution with {m.in_channels} input channels (< "
+                    f"{ONEDNN_MIN_CHANNELS}), whose channels_last backward crashes or hangs in oneDNN on CPUs")
+    return None
+
+
+def training_memory_format(model: nn.Module, device: torch.device, channels_last: bool
+                           ) -> tuple[torch.memory_format, str | None]:
+    """The memory format to train `model` in: channels_last when asked and safe; with the reason when refused."""
+    if not channels_last:
+        return torch.contiguous_format, None
+    reason = unsafe_channels_last(model, device)
+    return (torch.contiguous_format, reason) if reason else (torch.channels_last, None)
+
+
 @dataclass
 class EpochTotals:
     """Running sums of one training epoch; saved in a checkpoint when a signal stops it mid-way."""
@@ -135,9 +161,11 @@ def train_one_epoch(
     on_progress: Callable[[EpochTotals, int], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     epoch: int = 0,
+    heartbeat: Callable[[int], None] | None = None,
 ) -> EpochResult:
     """One pass over `batches` (continuing from `start` after a resume); returns the epoch totals.
 
+    `heartbeat(step)` is called after every optimizer step (the stall watchdog's clock).
     Raises DivergenceError at the first non-finite loss (found at the next metrics read).
     """
     model.train()
@@ -194,6 +222,8 @@ def train_one_epoch(
         loss_sum += loss.double() * labels.numel()
         correct += (logits.detach().argmax(1) == labels).sum()
         count += labels.numel()
+        if heartbeat is not None:
+            heartbeat(step)
         if len(lrs) >= log_every or step + 1 == total_steps:
             read()
             if on_progress is not None:
@@ -223,8 +253,11 @@ class Predictions:
 
 @torch.inference_mode()
 def predict(model: nn.Module, batches: Batches, *, device: torch.device, amp_dtype: torch.dtype | None = None,
-            tta: bool = False) -> Predictions:
-    """Logits for every batch; with `tta`, the mean of the logits of each image and its mirror."""
+            tta: bool = False, heartbeat: Callable[[], None] | None = None) -> Predictions:
+    """Logits for every batch; with `tta`, the mean of the logits of each image and its mirror.
+
+    `heartbeat()` is called after every batch (the stall watchdog's clock).
+    """
     model.eval()
     memory_format = input_memory_format(model)
     all_logits, all_labels = [], []
@@ -236,6 +269,8 @@ def predict(model: nn.Module, batches: Batches, *, device: torch.device, amp_dty
                 logits = (logits + model(images.flip(3)).float()) / 2
         all_logits.append(logits)
         all_labels.append(labels)
+        if heartbeat is not None:
+            heartbeat()
     return Predictions(torch.cat(all_logits).float().cpu(), torch.cat(all_labels).cpu())
 
 
@@ -262,7 +297,9 @@ def metrics_from(predictions: Predictions, num_classes: int) -> EvalResult:
 
 
 def evaluate(model: nn.Module, batches: Batches, num_classes: int, *, device: torch.device,
-             amp_dtype: torch.dtype | None = None, tta: bool = False) -> EvalResult:
+             amp_dtype: torch.dtype | None = None, tta: bool = False,
+             heartbeat: Callable[[], None] | None = None) -> EvalResult:
     """predict + metrics_from."""
-    return metrics_from(predict(model, batches, device=device, amp_dtype=amp_dtype, tta=tta), num_classes)
+    return metrics_from(predict(model, batches, device=device, amp_dtype=amp_dtype, tta=tta, heartbeat=heartbeat),
+                        num_classes)
 

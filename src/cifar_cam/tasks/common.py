@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from cifar_cam.checkpoint import load_checkpoint
 from cifar_cam.config import MODEL_SECTIONS, image_size, merge_with_checkpoint, validate
 from cifar_cam.data import DataSplits, EvalBatches, build_splits
-from cifar_cam.engine import Predictions, predict, resolve_device, resolve_precision
+from cifar_cam.engine import Predictions, predict, resolve_device, resolve_precision, training_memory_format
 from cifar_cam.errors import CheckpointError
 
 log = logging.getLogger("cifar_cam")
@@ -111,6 +111,14 @@ def checkpoint_and_config(cfg: DictConfig, command: str, prefer: str = "best",
     merged = merge_with_checkpoint(cfg, payload["config"], cli_overrides(), sections, payload.get("choices"))
     validate(merged, command)
     return payload, merged
+
+
+def memory_format_for(model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.memory_format:
+    """trainer.channels_last, unless this model would hit the oneDNN fault in it (then NCHW, with a log line)."""
+    memory_format, reason = training_memory_format(model, device, channels_last)
+    if reason is not None:
+        log.info("training in NCHW, not channels_last: %s (model.width >= 8 avoids it)", reason)
+    return memory_format
 
 
 def checkpoint_model(payload: dict[str, Any], device: torch.device) -> torch.nn.Module:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import shlex
+import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -36,11 +37,13 @@ from cifar_cam.engine import resolve_precision
 from cifar_cam.errors import DivergenceError
 from cifar_cam.logs import Bars
 from cifar_cam.models import build_model
+from cifar_cam.supervise import Supervisor, TrainingInterrupted
 from cifar_cam.tasks.common import (
     check_classes,
     checkpoint_and_config,
     cli_overrides,
     load_data,
+    memory_format_for,
     run_dir,
     setup_runtime,
     write_json,
@@ -176,7 +179,7 @@ def train_command(lr: float, overrides: Sequence[str]) -> str:
 
 
 def range_test_to_files(cfg: DictConfig, model: nn.Module, batches: TrainBatches, criterion: nn.Module,
-                        device: torch.device, out: Path) -> RangeTest:
+                        device: torch.device, out: Path, sup: Supervisor) -> RangeTest:
     """Runs the configured range test with a throwaway optimizer; writes lr_find.json and lr_find.png to `out`."""
     lf = cfg.lr_find
     # A fresh optimizer of the configured kind: no scheduler may wrap it (GOTCHAS #81), and the one
@@ -189,6 +192,11 @@ def range_test_to_files(cfg: DictConfig, model: nn.Module, batches: TrainBatches
 
     with Bars("lr-find", lf.num_iter) as bars:
         def on_step(step: int, lr: float, loss: float) -> None:
+            sup.beat(f"LR range test step {step}", step=True)
+            if sup.requested() and sup.armed:  # a first signal: stop after this step
+                name = signal.Signals(sup.signum).name  # type: ignore[arg-type]
+                raise TrainingInterrupted(f"{name}: stopped the LR range test after step {step}; nothing was "
+                                          "written", sup.signum)  # type: ignore[arg-type]
             bars.advance_outer(step, f"lr {lr:.2e}  loss {loss:.4f}")
             if step % report_every == 0:
                 log.info("step %d/%d  lr %.3g  smoothed loss %.4g", step, lf.num_iter, lr, loss)
@@ -251,8 +259,7 @@ def _build(cfg: DictConfig) -> tuple[nn.Module, TrainBatches, nn.Module, torch.d
         log.info("starting from the weights of %s (epoch %d)", payload["path"], payload["epoch"])
     else:
         model = build_model(cfg.model.name, num_classes=splits.num_classes, width=cfg.model.width)
-    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
-    model.to(device, memory_format=memory_format)
+    model.to(device, memory_format=memory_format_for(model, device, cfg.trainer.channels_last))
     batches = build_train_batches(splits.train, cfg.aug, batch_size=cfg.data.batch_size,
                                   num_workers=resolve_num_workers(cfg.data.num_workers), seed=cfg.seed, device=device)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
@@ -262,8 +269,13 @@ def _build(cfg: DictConfig) -> tuple[nn.Module, TrainBatches, nn.Module, torch.d
 def lr_find(cfg: DictConfig) -> float:
     """The LR range test: lr_find.png, lr_find.json and the train command; returns the suggested LR (NaN if none)."""
     out = run_dir()
-    model, batches, criterion, device, cfg = _build(cfg)
-    result = range_test_to_files(cfg, model, batches, criterion, device, out)
+    t = cfg.trainer
+    with Supervisor("lr-find", stall_timeout=t.get("stall_timeout", "auto"), stop_grace=t.get("stop_grace", 30),
+                    log_file=out / "lr-find.log") as sup:
+        model, batches, criterion, device, cfg = _build(cfg)
+        sup.armed, sup.unarmed_message = True, "during the LR range test; nothing was written"
+        result = range_test_to_files(cfg, model, batches, criterion, device, out, sup)
+        sup.armed = False
     if result.suggested_lr is not None:
         log.info("to train with it: %s", train_command(result.suggested_lr, cli_overrides()))
     log.info("wrote %s", out)
@@ -271,12 +283,12 @@ def lr_find(cfg: DictConfig) -> float:
 
 
 def suggest_lr_for_training(cfg: DictConfig, model: nn.Module, batches: TrainBatches, criterion: nn.Module,
-                            device: torch.device, out: Path) -> float:
+                            device: torch.device, out: Path, sup: Supervisor) -> float:
     """optimizer.lr=auto: the range test in the train run dir (lr_find.png/json); returns the suggested LR.
 
     The model comes back unchanged; the caller builds its optimizer and scheduler afterwards.
     """
-    result = range_test_to_files(cfg, model, batches, criterion, device, out)
+    result = range_test_to_files(cfg, model, batches, criterion, device, out, sup)
     if result.suggested_lr is None:
         raise DivergenceError(f"optimizer.lr=auto: no LR to suggest ({result.steps} of {result.num_iter} steps of "
                               f"the range test; see {out / 'lr_find.png'}); pass optimizer.lr=<number> or lower "
