@@ -216,3 +216,43 @@ def test_resume_a_finished_run_says_so_and_evaluates_again(reference: Path, tmp_
     summary, expected = (json.loads((r / "summary.json").read_text()) for r in (run, reference))
     for key in ("test_acc", "test_loss", "best_epoch", "epochs_run", "images_per_second"):
         assert summary[key] == expected[key], key
+
+
+def hooked_run(tmp_path: Path, block_step: int, *extra: str) -> tuple[subprocess.Popen, Path, Path]:
+    """A fresh run whose training step `block_step` blocks forever in native code; returns when it blocked."""
+    run, marker, log = tmp_path / "run", tmp_path / "blocked", tmp_path / "out.log"
+    proc = start_hooked(run, [*ARGS, f"hydra.run.dir={run}", *extra],
+                        {"CIFAR_CAM_TEST_BLOCK_STEP": str(block_step), "CIFAR_CAM_TEST_MARKER": str(marker)}, log)
+    wait_for(marker, proc)
+    return proc, run, log
+
+
+def test_stall_ends_with_stacks_exit_3_and_resumes_exactly(reference: Path, tmp_path: Path) -> None:
+    proc, run, log = hooked_run(tmp_path, STEPS_PER_EPOCH + 1, "trainer.stall_timeout=3")
+    assert proc.wait(timeout=WAIT) == 3
+    lines = [line for line in log.read_text().splitlines() if "error:" in line]
+    assert len(lines) == 1 and "stalled: nothing finished for" in lines[0], log.read_text()[-2000:]
+    assert "epoch 2, step 1" in lines[0] and "last.pt (epoch 1)" in lines[0] and "cifar-cam train ckpt=" in lines[0]
+    train_log = (run / "train.log").read_text()
+    assert "[stall]" in train_log and "blocking_heartbeat" in train_log  # the stuck thread's Python stack
+    assert load(run / "checkpoints" / "last.pt")["epoch"] == 1  # intact
+    resumed = train(run, f"ckpt={run}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert metrics(run) == metrics(reference)
+
+
+@pytest.mark.parametrize("signals, code, within", [((signal.SIGTERM,), 143, 2.0), ((signal.SIGINT,) * 2, 130, 0.0)])
+def test_signal_ends_a_step_stuck_in_native_code(signals: tuple[int, ...], code: int, within: float,
+                                                 tmp_path: Path) -> None:
+    """One signal: the step gets trainer.stop_grace seconds; two: at once. The main thread never returns."""
+    proc, run, log = hooked_run(tmp_path, 2, "trainer.stop_grace=2", "trainer.stall_timeout=null")
+    started = time.monotonic()
+    for s in signals:
+        proc.send_signal(s)
+        time.sleep(0.2)
+    assert proc.wait(timeout=30) == code
+    took = time.monotonic() - started
+    assert within <= took < within + 5, took
+    lines = [line for line in log.read_text().splitlines() if "error:" in line]
+    assert len(lines) == 1 and "stopped at once" in lines[0], log.read_text()[-2000:]
+    assert ("stop_grace=2" in lines[0]) == (len(signals) == 1)
