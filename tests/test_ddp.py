@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -151,6 +152,19 @@ def test_ddp_accuracy_is_within_noise_of_one_process(ddp_and_single: tuple[Path,
     assert abs(ddp["best_val_acc"] - single["best_val_acc"]) < 0.1
     ddp_rows = (run / "metrics.csv").read_text().splitlines()
     assert len(ddp_rows) == 5  # header + one row an epoch; train loss and accuracy are over both ranks' shards
+
+
+def test_ddp_lr_column_is_the_single_process_one(ddp_and_single: tuple[Path, Path, Path, str]) -> None:
+    _, runs, single_dir, _ = ddp_and_single
+    (run,) = list(runs.iterdir())
+
+    def lrs(d: Path) -> list[float]:
+        with (d / "metrics.csv").open() as f:
+            return [float(row["lr"]) for row in csv.DictReader(f)]
+
+    # was 0.0 every epoch under DDP; later epochs may differ where the plateau scheduler saw other val accuracies
+    assert lrs(run)[0] == lrs(single_dir)[0] == 0.003
+    assert len(lrs(run)) == 4 and all(lr > 0 for lr in lrs(run))
 
 
 def test_single_process_eval_loads_the_ddp_checkpoint(ddp_and_single: tuple[Path, Path, Path, str]) -> None:
