@@ -115,13 +115,22 @@ def test_changed_hyperparameter_that_cannot_apply_is_refused(run: list[str], cha
     assert str(e.value).startswith(key)
 
 
-def test_resume_with_a_new_momentum_trains_with_it(trained_run: Path, tmp_path: Path) -> None:
-    from cifar_cam.tasks.train import train
+def test_resume_with_a_new_momentum_trains_with_it_and_reads_last_pt_once(
+        trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cifar_cam.checkpoint as checkpoint
+    from cifar_cam.cli import main
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    cfg = compose_cfg("train", [f"ckpt={run}", "trainer.epochs=3", "optimizer.momentum=0.5"], run_dir=run)
-    train(cfg)
+    real_load, loads = checkpoint.load_checkpoint, []
+
+    def counting_load(path: object, prefer: str = "best") -> dict:
+        loads.append(Path(str(path)).name)
+        return real_load(path, prefer)
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", counting_load)
+    main(["train", f"ckpt={run}", "trainer.epochs=3", "optimizer.momentum=0.5"])  # the CLI's pre-check, then the task
+    assert loads.count("last.pt") == 1  # one read for the pre-check, the merge and the resume
     last = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 3
     assert [g["momentum"] for g in last["optimizer"]["param_groups"]] == [0.5]

@@ -160,7 +160,7 @@ def explain_hydra_error(e: Exception, config_name: str, overrides: list[str]) ->
     return f"bad override ({first})"
 
 
-def precheck(command: str, overrides: list[str], payloads: dict[str, dict[str, Any]] | None = None) -> Any:
+def precheck(command: str, overrides: list[str]) -> Any:
     """Composes the config as Hydra will and validates it; one line and exit 2 on any problem."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -170,7 +170,6 @@ def precheck(command: str, overrides: list[str], payloads: dict[str, dict[str, A
 
     config_name = COMMANDS[command][0]
     checked: set[tuple[str, str]] = set()  # (what, path): data roots and checkpoints are checked once
-    payloads = {} if payloads is None else payloads
     first_cfg = None
     try:
         variants = _sweep_variants(overrides)
@@ -183,7 +182,7 @@ def precheck(command: str, overrides: list[str], payloads: dict[str, dict[str, A
         except (HydraException, OmegaConfBaseException, ValueError) as e:
             fail(command, explain_hydra_error(e, config_name, overrides))
         try:
-            cfg = with_checkpoint_config(command, cfg, single, payloads)
+            cfg = with_checkpoint_config(command, cfg, single)  # validated as merged (checkpoint_config)
             first_cfg = cfg if first_cfg is None else first_cfg
             validate(cfg, command)  # torch is imported only past this line: bad keys are refused in ~1 s
             from cifar_cam.data import check_root
@@ -193,53 +192,20 @@ def precheck(command: str, overrides: list[str], payloads: dict[str, dict[str, A
             if cfg.data.source == "folder" and ("root", str(cfg.data.root)) not in checked:
                 check_root(cfg.data.root)
                 checked.add(("root", str(cfg.data.root)))
-            if cfg.get("ckpt") and ("ckpt", str(cfg.ckpt)) not in checked:
-                check_checkpoint(command, cfg, single, payloads)
-                checked.add(("ckpt", str(cfg.ckpt)))
         except CifarCamError as e:
             fail(command, str(e), e.exit_code)
     return first_cfg
 
 
-def with_checkpoint_config(command: str, cfg: Any, overrides: list[str], cache: dict[str, dict[str, Any]]) -> Any:
-    """With `ckpt=`: the config the task will run with, the checkpoint's stored values merged in.
+def with_checkpoint_config(command: str, cfg: Any, overrides: list[str]) -> Any:
+    """With `ckpt=`: the config the task will run with, the checkpoint's stored values merged in, checked
+    (checkpoint_config.load_with_config, which the task calls again: the file is read once per process)."""
+    from cifar_cam.checkpoint_config import load_with_config
 
-    eval / gradcam / lr-find take data and model from the checkpoint, a resumed train everything;
-    what the command line says still wins (see config.merge_with_checkpoint).
-    """
-    from omegaconf import OmegaConf
-
-    from cifar_cam.config import MODEL_SECTIONS, merge_with_checkpoint
-
-    if "ckpt" not in cfg or OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
-        return cfg
-    payload = cached_checkpoint(command, str(cfg.ckpt), cache)
-    sections = None if command == "train" else MODEL_SECTIONS
-    return merge_with_checkpoint(cfg, payload["config"], overrides, sections, payload.get("choices"))
+    return load_with_config(cfg, command, overrides)[1]
 
 
-def cached_checkpoint(command: str, ckpt: str, cache: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """`ckpt=` loaded once per invocation (train resumes from last.pt, the others read best.pt)."""
-    from cifar_cam.checkpoint import load_checkpoint
-
-    if ckpt not in cache:
-        cache[ckpt] = load_checkpoint(ckpt, prefer="last" if command == "train" else "best")
-    return cache[ckpt]
-
-
-def check_checkpoint(command: str, cfg: Any, overrides: list[str], cache: dict[str, dict[str, Any]]) -> None:
-    """`ckpt=` before any work: readable, ours, weights that fit; for train, a resume that can continue."""
-    from cifar_cam.checkpoint import model_from_checkpoint
-
-    if command == "train":
-        from cifar_cam.tasks.train import resume_config
-
-        resume_config(cfg, overrides)
-    else:
-        model_from_checkpoint(cached_checkpoint(command, str(cfg.ckpt), cache))
-
-
-def inherit_choices(command: str, overrides: list[str], cache: dict[str, dict[str, Any]] | None = None) -> list[str]:
+def inherit_choices(command: str, overrides: list[str]) -> list[str]:
     """Prepends the config-group choices stored in `ckpt=`'s checkpoint (data=..., model=...).
 
     `cifar-cam eval ckpt=RUN data.test_size=100` then composes against the data group the run
@@ -248,10 +214,11 @@ def inherit_choices(command: str, overrides: list[str], cache: dict[str, dict[st
     ckpt = next((o.split("=", 1)[1] for o in overrides if o.startswith("ckpt=")), None)
     if command not in ("eval", "gradcam", "train", "lr-find") or not ckpt:
         return overrides
+    from cifar_cam.checkpoint_config import cached_checkpoint
     from cifar_cam.config import MODEL_SECTIONS
 
     try:
-        payload = cached_checkpoint(command, ckpt, {} if cache is None else cache)
+        payload = cached_checkpoint(ckpt, "last" if command == "train" else "best")
     except CifarCamError as e:
         fail(command, str(e), e.exit_code)
     groups = set(payload.get("choices", {})) if command == "train" else set(MODEL_SECTIONS)
@@ -394,9 +361,8 @@ def _main(argv: list[str] | None) -> None:
     flags = {f.split("=", 1)[0] for f in flag_args if f.startswith("-")}
     extra: list[str] = []
     if not flags & INFO_FLAGS:
-        payloads: dict[str, dict[str, Any]] = {}  # ckpt= is read once for all the checks below
-        overrides = inherit_choices(command, overrides, payloads)
-        cfg = precheck(command, overrides, payloads)
+        overrides = inherit_choices(command, overrides)  # ckpt= is read once for these checks and the task
+        cfg = precheck(command, overrides)
         multirun = bool(flags & {"-m", "--multirun"})
         world = join_ranks(command, cfg, multirun)  # [ddp] torchrun's ranks: one run dir, chosen by rank 0
         keys = {o.split("=", 1)[0] for o in overrides}

@@ -14,8 +14,8 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_cam.checkpoint import load_checkpoint
-from cifar_cam.config import MODEL_SECTIONS, image_size, merge_with_checkpoint, validate
+from cifar_cam.checkpoint_config import load_with_config
+from cifar_cam.config import image_size
 from cifar_cam.data import DataSplits, EvalBatches, build_splits
 from cifar_cam.engine import Predictions, predict, resolve_device, resolve_precision, training_memory_format
 from cifar_cam.errors import CheckpointError
@@ -104,12 +104,11 @@ def load_data(cfg: DictConfig) -> DataSplits:
     return splits
 
 
-def checkpoint_and_config(cfg: DictConfig, command: str, prefer: str = "best",
-                          sections: tuple[str, ...] | None = MODEL_SECTIONS) -> tuple[dict[str, Any], DictConfig]:
-    """Loads `cfg.ckpt` and merges its config into `cfg` (command-line overrides win), validated."""
-    payload = load_checkpoint(cfg.ckpt, prefer=prefer)
-    merged = merge_with_checkpoint(cfg, payload["config"], cli_overrides(), sections, payload.get("choices"))
-    validate(merged, command)
+def checkpoint_and_config(cfg: DictConfig, command: str) -> tuple[dict[str, Any], DictConfig]:
+    """`cfg.ckpt`'s payload and its config merged into `cfg` (command-line overrides win), validated."""
+    payload, merged = load_with_config(cfg, command, cli_overrides())
+    if payload is None:
+        raise CheckpointError(f"{command} needs ckpt=PATH: a train run dir or a .pt file")
     return payload, merged
 
 

@@ -105,12 +105,6 @@ def write_metrics_csv(history: list[dict[str, float]], path: Path) -> None:
     tmp.replace(path)
 
 
-def resume_config(cfg: DictConfig, overrides: list[str], choices: dict[str, str] | None = None
-                  ) -> tuple[dict[str, Any] | None, DictConfig]:
-    """For `ckpt=`: the checkpoint and its config with the command-line overrides on top, checked."""
-    return load_with_config(cfg, "train", overrides, choices)
-
-
 @dataclass
 class Run:
     """What one training run holds: built once (build_run), restored on resume, saved in every checkpoint."""
