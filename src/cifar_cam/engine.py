@@ -146,6 +146,18 @@ class EpochResult:
     interrupted: bool = False
 
 
+def backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
+    """One optimizer step from `loss` (through the fp16 GradScaler when there is one)."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Batches,
@@ -206,14 +218,7 @@ def train_one_epoch(
         with autocast(device, amp_dtype):
             logits = model(images)
             loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        backward_and_step(loss, optimizer, scaler)
         if step_scheduler is not None:
             step_scheduler.step()
         step = totals.step + len(lrs) - 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,29 @@ def channel_mean_activations(model: torch.nn.Module, images: torch.Tensor, layer
     with torch.inference_mode(), LayerHooks(model, layers) as hooks:
         model(images)
         return {name: out.float().mean(dim=1).cpu().numpy() for name, out in hooks.checked_outputs().items()}
+
+
+def image_panels(out: Path, images: np.ndarray, maps: dict[str, np.ndarray], rows: list[int], index: np.ndarray,
+                 labels: tuple[torch.Tensor, ...], classes: list[str], what: str) -> list[dict[str, Any]]:
+    """gradcam/NNN_<layer>.png per explained image and layer; the gradcam.json entry of each image."""
+    true, pred, confidence, explained = labels
+    entries = []
+    for rank, row in enumerate(rows):
+        files = {}
+        for name in maps:
+            file = out / "gradcam" / f"{rank:03d}_{name}.png"
+            viz.plot_cam_single(images[rank], maps[name][rank], file, layer=name, title=(
+                f"#{rank:03d}  test image {int(index[rank])}: true {classes[int(true[rank])]}, predicted "
+                f"{classes[int(pred[rank])]} ({100 * float(confidence[rank]):.1f}%)\n{what} "
+                f"({classes[int(explained[rank])]}) at {name}"))
+            files[name] = str(file.relative_to(out))
+        entries.append({
+            "rank": rank, "index": int(index[rank]), "true": classes[int(true[rank])], "true_label": int(true[rank]),
+            "pred": classes[int(pred[rank])], "pred_label": int(pred[rank]),
+            "confidence": round(float(confidence[rank]), 6), "explained": classes[int(explained[rank])],
+            "files": files, "test_row": row,
+        })
+    return entries
 
 
 def gradcam(cfg: DictConfig) -> float:
@@ -106,22 +130,8 @@ def gradcam(cfg: DictConfig) -> float:
         f"Grad-CAM ({g.method}) of {what} at {', '.join(layers)}: the {len(rows)} {SELECTED[g.select]} of "
         f"{n_wrong} mistakes on {n_test} test images (accuracy {percent(accuracy)})\n"
         f"each panel: the image, then its heatmap overlay per layer"))
-    entries = []
-    for rank, row in enumerate(rows.tolist()):
-        files = {}
-        for name in layers:
-            file = out / "gradcam" / f"{rank:03d}_{name}.png"
-            viz.plot_cam_single(images[rank], maps[name][rank], file, layer=name, title=(
-                f"#{rank:03d}  test image {int(index[rank])}: true {classes[int(true[rank])]}, predicted "
-                f"{classes[int(pred[rank])]} ({100 * float(confidence[rank]):.1f}%)\nGrad-CAM ({g.method}) of "
-                f"{what} ({classes[int(explained[rank])]}) at {name}"))
-            files[name] = str(file.relative_to(out))
-        entries.append({
-            "rank": rank, "index": int(index[rank]), "true": classes[int(true[rank])], "true_label": int(true[rank]),
-            "pred": classes[int(pred[rank])], "pred_label": int(pred[rank]),
-            "confidence": round(float(confidence[rank]), 6), "explained": classes[int(explained[rank])],
-            "files": files, "test_row": row,
-        })
+    entries = image_panels(out, images, maps, rows.tolist(), index, (true, pred, confidence, explained), classes,
+                           f"Grad-CAM ({g.method}) of {what}")
     if activations:
         sizes = {name: f"{a.shape[1]}x{a.shape[2]}" for name, a in activations.items()}
         viz.plot_activations(images[:k], activations, out / "activations.png", row_titles=[
