@@ -48,10 +48,7 @@ def cpu_has_amx() -> bool:
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for fp32. 'auto': bf16 on CUDA (fp16 where bf16 is missing) and on CPUs
-    with AMX; fp32 on other CPUs.
-
-    On a 2-core AMX CPU bf16 trains ResNet18 1.6x (width 16) to 1.8x (width 64) faster than fp32 at 32 px;
-    without AMX (AVX-512 or AVX2 only) it is slower than fp32 (0.55-0.95x), hence fp32 there (docs/benchmarks.md).
+    with AMX; fp32 on other CPUs, where bf16 is slower than fp32 (measured in docs/benchmarks.md).
     """
     if precision == "fp32":
         return None
