@@ -45,9 +45,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from cifar_cam.augment import BACKENDS, PRESETS, build_train_batches, build_train_transform
-from cifar_cam.cli import config_dir
 from cifar_cam.data import CIFAR10_MEAN, CIFAR10_STD, ImageArrays, make_synthetic, resolve_num_workers
 from cifar_cam.engine import autocast, precision_name, resolve_precision, train_one_epoch
+from cifar_cam.io import config_dir
 from cifar_cam.models import build_model
 
 NUM_CLASSES = 10

@@ -120,7 +120,7 @@ def ddp_and_single(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
 def test_ddp_writes_one_run_dir_from_rank_0(ddp_and_single: tuple[Path, Path, Path, str]) -> None:
     _, runs, _, output = ddp_and_single
     (run,) = list(runs.iterdir())  # one run dir for both ranks
-    assert sorted(p.name for p in run.iterdir()) == [".hydra", "checkpoints", "curves.png", "metrics.csv",
+    assert sorted(p.name for p in run.iterdir()) == [".hydra", ".lock", "checkpoints", "curves.png", "metrics.csv",
                                                      "summary.json", "train.log"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
     log = (run / "train.log").read_text()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import itertools
 import logging
 import sys
 from collections.abc import Callable
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from cifar_cam.errors import CifarCamError
+from cifar_cam.io import config_dir, lock_run_dir, reserve_dir
+from cifar_cam.logs import silence_stdout
 
 log = logging.getLogger("cifar_cam")
 
@@ -49,14 +50,6 @@ examples:
   cifar-cam train --help                            every config group and key of a command
 
 Runs write to outputs/<command>/<YYYY-MM-DD_HH-MM-SS>/; configs live in {conf}."""
-
-
-def config_dir() -> str:
-    """The conf/ directory: packaged beside the code in a wheel, the repo's conf/ in a checkout."""
-    spec = importlib.util.find_spec("cifar_cam.conf")
-    if spec is not None and spec.submodule_search_locations:
-        return str(Path(list(spec.submodule_search_locations)[0]).resolve())
-    return str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def fail(command: str | None, message: str, code: int = 2) -> NoReturn:
@@ -227,19 +220,6 @@ def inherit_choices(command: str, overrides: list[str]) -> list[str]:
     return inherited + overrides
 
 
-def reserve_dir(base: Path) -> Path:
-    """Creates and returns base/<timestamp>[_N]: mkdir is atomic, so concurrent runs never share one."""
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    for i in itertools.count():
-        path = base / (stamp if i == 0 else f"{stamp}_{i}")
-        try:
-            path.mkdir(parents=True, exist_ok=False)
-            return path
-        except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
-
-
 def _quote(path: Path | str) -> str:
     text = str(path)
     return text if all(c.isalnum() or c in "/._-:" for c in text) else "'" + text.replace("'", "\\'") + "'"
@@ -305,6 +285,19 @@ def join_ranks(command: str, cfg: Any, multirun: bool) -> Any:
         fail(command, str(e), e.exit_code)
 
 
+def take_lock(command: str, run_dir: Path, world: Any) -> None:
+    """One writer per run dir, taken before Hydra writes .hydra/ there (rank 0 only under DDP); else one line, exit 2.
+
+    A sweep's dir is always new (reserve_dir) and its jobs each get their own: those are not locked.
+    """
+    if not world.is_main:
+        return
+    try:
+        lock_run_dir(run_dir)
+    except CifarCamError as e:
+        fail(command, str(e), e.exit_code)
+
+
 def report_main(args: list[str]) -> None:
     """`cifar-cam report DIR... [--out DIR]`: plain argparse, since its inputs are directories."""
     import argparse
@@ -338,6 +331,32 @@ def main(argv: list[str] | None = None) -> None:
         _main(argv)
     except KeyboardInterrupt:  # Ctrl-C before a task started (or after it ended): nothing to save
         fail(None, "interrupted", 130)
+    except BrokenPipeError:  # `cifar-cam train --help | head -1`: the reader left; nothing is wrong
+        silence_stdout()
+        sys.exit(0)
+
+
+class PipeSafe:
+    """A text stream whose reader may leave (`| head`): the output stops, quietly, and the exit code stays 0."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            silence_stdout()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            silence_stdout()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
 
 
 def _main(argv: list[str] | None) -> None:
@@ -379,13 +398,20 @@ def _main(argv: list[str] | None) -> None:
             else:
                 from cifar_cam.distributed import rank0_decides
 
-                extra.append(f"hydra.run.dir={_quote(rank0_decides(lambda: reserve_dir(Path('outputs') / command)))}")
+                run_dir = rank0_decides(lambda: reserve_dir(Path("outputs") / command))
+                extra.append(f"hydra.run.dir={_quote(run_dir)}")
+            take_lock(command, run_dir, world)
+        elif not multirun:
+            take_lock(command, Path(next(o for o in overrides if o.startswith("hydra.run.dir=")).split("=", 1)[1]),
+                      world)
         from cifar_cam.distributed import quiet_overrides
 
         extra += quiet_overrides(world)  # [ddp] ranks other than 0 write no files
 
     import hydra
 
+    if flags & INFO_FLAGS:  # Hydra prints --help / --cfg itself and reports a closed pipe as a traceback
+        sys.stdout = PipeSafe(sys.stdout)
     # Flags first: Hydra's argparse refuses overrides on both sides of a flag (`a=1 -m b=2`).
     sys.argv = [f"cifar-cam {command}", *flag_args, *overrides, *extra]
     hydra.main(config_path=config_dir(), config_name=config_name, version_base="1.3")(task_entry(command, target))()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from typing import Any
 
 from rich.console import Console
@@ -10,11 +12,25 @@ from rich.console import Console
 _console: Console | None = None
 
 
+def silence_stdout() -> None:
+    """Points stdout at /dev/null (its reader left: `| head`), so later writes and the exit flush raise nothing."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _on_broken_pipe() -> None:
+    # rich's default raises SystemExit(1): a run whose stdout closed would die; it goes on, logging to its file
+    silence_stdout()
+    console().quiet = True
+
+
 def console() -> Console:
     """The one rich console every progress bar and log line goes through."""
     global _console
     if _console is None:
         _console = Console(highlight=False, soft_wrap=True)
+        _console.on_broken_pipe = _on_broken_pipe  # type: ignore[method-assign]
     return _console
 
 
@@ -33,6 +49,8 @@ class ConsoleHandler(logging.Handler):
             return
         try:
             console().print(self.format(record), markup=False, highlight=False, soft_wrap=True)
+        except BrokenPipeError:  # stdout closed (`| head`): the run goes on, its log file keeps every line
+            _on_broken_pipe()
         except Exception:  # logging must never take the run down
             self.handleError(record)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -19,6 +18,7 @@ from cifar_cam.config import image_size
 from cifar_cam.data import DataSplits, EvalBatches, build_splits
 from cifar_cam.engine import Predictions, predict, resolve_device, resolve_precision, training_memory_format
 from cifar_cam.errors import CheckpointError
+from cifar_cam.io import cores, write_json  # noqa: F401  (write_json: the tasks' one writer)
 
 log = logging.getLogger("cifar_cam")
 
@@ -46,7 +46,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def processes_sharing_cores() -> int:
+def processes_sharingcores() -> int:
     """How many processes of this run share the machine's cores: joblib sweep jobs, or torchrun ranks on a node."""
     from cifar_cam.distributed import world
 
@@ -54,12 +54,8 @@ def processes_sharing_cores() -> int:
     launcher = HydraConfig.get().launcher if HydraConfig.initialized() else {}
     if str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
         jobs = int(launcher.get("n_jobs") or 1)
-        return max(ranks, _cores() if jobs < 0 else jobs)  # joblib: -1 is one job per core
+        return max(ranks, cores() if jobs < 0 else jobs)  # joblib: -1 is one job per core
     return ranks
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def resolve_num_threads(setting: int | str) -> int | None:
@@ -67,8 +63,8 @@ def resolve_num_threads(setting: int | str) -> int | None:
     or None (torch's default) when this process is alone."""
     if setting != "auto":
         return int(setting)
-    sharing = processes_sharing_cores()
-    return max(1, _cores() // sharing) if sharing > 1 else None
+    sharing = processes_sharingcores()
+    return max(1, cores() // sharing) if sharing > 1 else None
 
 
 def setup_runtime(cfg: DictConfig) -> torch.device:
@@ -147,15 +143,6 @@ def check_classes(payload: dict[str, Any], splits: DataSplits) -> None:
 def plain(cfg: DictConfig) -> dict[str, Any]:
     """The config as a plain dict (what checkpoints and JSON files store)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Writes JSON atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def percent(x: float | None) -> str:

@@ -292,7 +292,7 @@ def default_out_dir(paths: Sequence[str | Path]) -> Path:
     """One sweep dir: the report goes into it. Anything else: a new outputs/report/<time>/."""
     if len(paths) == 1 and is_sweep_dir(Path(paths[0])):
         return Path(paths[0])
-    from cifar_cam.cli import reserve_dir
+    from cifar_cam.io import reserve_dir
 
     return reserve_dir(Path("outputs") / "report")
 
