@@ -64,3 +64,22 @@ def test_a_run_dir_in_use_is_refused_naming_the_pid_and_a_dead_holder_is_taken_o
 
     lock_run_dir(run)  # the dead holder's flock went with it
     assert (run / ".lock").read_text().strip() == str(os.getpid()) and time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("cifar-cam ", ["eval", "gradcam", "lr-find", "report", "train"]),
+    ("cifar-cam train optim", ["optimizer.", "optimizer="]),
+    ("cifar-cam train optimizer=", ["optimizer=adam", "optimizer=adamw", "optimizer=muon", "optimizer=sgd"]),
+])
+def test_bash_completion_as_the_shell_drives_it(line: str, expected: list[str], tmp_path: Path) -> None:
+    script = ('eval "$(cifar-cam --completion bash)"; COMP_LINE="$LINE"; COMP_POINT=${#COMP_LINE}; '
+              '_cifar_cam_complete; printf "%s\\n" "${COMPREPLY[@]}"')
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "LINE": line}
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.split()) == expected
+
+
+def test_hydra_install_flag_gives_the_working_script() -> None:
+    result = subprocess.run([*CLI, "train", "-sc", "install=zsh"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "bashcompinit" in result.stdout and "cifar-cam --complete" in result.stdout

@@ -121,7 +121,7 @@ def test_ddp_writes_one_run_dir_from_rank_0(ddp_and_single: tuple[Path, Path, Pa
     _, runs, _, output = ddp_and_single
     (run,) = list(runs.iterdir())  # one run dir for both ranks
     assert sorted(p.name for p in run.iterdir()) == [".hydra", ".lock", "checkpoints", "curves.png", "metrics.csv",
-                                                     "summary.json", "train.log"]
+                                                     "provenance.json", "summary.json", "train.log"]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
     log = (run / "train.log").read_text()
     assert log.count("epoch 4/4") == 1 and log.count("run dir:") == 1  # rank 1 logs nothing

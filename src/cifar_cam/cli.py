@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -254,7 +255,12 @@ def task_entry(command: str, target: str) -> Callable[[Any], Any]:
         multirun = HydraConfig.get().mode == RunMode.MULTIRUN
         try:
             module_name, fn_name = target.split(":")
-            return getattr(importlib.import_module(module_name), fn_name)(cfg)
+            module = importlib.import_module(module_name)  # torch too: the hardware record names its devices
+            if os.environ.get("RANK", "0") == "0":  # [ddp] rank 0 writes the run dir
+                from cifar_cam.provenance import record
+
+                record(Path(HydraConfig.get().runtime.output_dir), command, sys.argv[1:])
+            return getattr(module, fn_name)(cfg)
         except CifarCamError as e:
             log.error("%s", e, extra={"file_only": True})
             if multirun and e.exit_code < 128:  # a signal (exit 128 + n) stops the whole sweep
@@ -296,6 +302,42 @@ def take_lock(command: str, run_dir: Path, world: Any) -> None:
         lock_run_dir(run_dir)
     except CifarCamError as e:
         fail(command, str(e), e.exit_code)
+
+
+COMPLETION_SCRIPT = """# cifar-cam completion ({shell}): eval "$(cifar-cam --completion {shell})"
+{prelude}_cifar_cam_complete() {{
+    local IFS=$'\\n'
+    COMPREPLY=($(COMP_LINE="$COMP_LINE" COMP_POINT="$COMP_POINT" cifar-cam --complete 2>/dev/null))
+}}
+complete -o nospace -F _cifar_cam_complete cifar-cam
+"""
+ZSH_PRELUDE = "autoload -U +X compinit && compinit\nautoload -U +X bashcompinit && bashcompinit\n"
+
+
+def completion_script(shell: str) -> str:
+    """The shell function that asks `cifar-cam --complete` for candidates (bash; zsh through bashcompinit)."""
+    if shell not in ("bash", "zsh"):
+        fail(None, f"shell completion is for bash or zsh, not '{shell}'")
+    return COMPLETION_SCRIPT.format(shell=shell, prelude=ZSH_PRELUDE if shell == "zsh" else "")
+
+
+def complete(line: str) -> list[str]:
+    """Candidates for the last word of `line` (a shell's COMP_LINE up to the cursor): commands, then overrides."""
+    words = line.split()
+    at_new_word = line.endswith(" ")
+    if len(words) <= 1 or (len(words) == 2 and not at_new_word):
+        prefix = "" if len(words) <= 1 else words[1]
+        return [c for c in [*COMMANDS, "report"] if c.startswith(prefix)]
+    command = words[1]
+    if command not in COMMANDS:
+        return []
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.bash_completion import BashCompletion
+    from hydra._internal.utils import create_config_search_path
+
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(config_dir()))
+    rest = " ".join(words[2:]) + (" " if at_new_word else "")
+    return BashCompletion(loader)._query(COMMANDS[command][0], rest)
 
 
 def report_main(args: list[str]) -> None:
@@ -366,6 +408,13 @@ def _main(argv: list[str] | None) -> None:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE.format(commands=listing, conf=config_dir()))
         sys.exit(0 if args else 2)
+    if args[0] == "--completion":  # `eval "$(cifar-cam --completion bash)"`
+        print(completion_script(args[1] if len(args) > 1 else "bash"), end="")
+        return
+    if args[0] == "--complete":  # the shell function's query: COMP_LINE / COMP_POINT as bash sets them
+        line = os.environ.get("COMP_LINE", "")
+        print("\n".join(complete(line[: int(os.environ.get("COMP_POINT", len(line)))])))
+        return
     command, rest = args[0], args[1:]
     if command == "report":
         report_main(rest)
@@ -378,6 +427,14 @@ def _main(argv: list[str] | None) -> None:
 
     overrides, flag_args = split_args(rest)
     flags = {f.split("=", 1)[0] for f in flag_args if f.startswith("-")}
+    if flags & {"-sc", "--shell-completion"}:  # Hydra's own would call `cifar-cam -sc query=...`, which can't work
+        value = " ".join(flag_args)
+        if "query=" in value:
+            line = os.environ.get("COMP_LINE", "")
+            print("\n".join(complete(line[: int(os.environ.get("COMP_POINT", len(line)))])))
+        else:
+            print(completion_script("zsh" if "zsh" in value else "bash"), end="")
+        return
     extra: list[str] = []
     if not flags & INFO_FLAGS:
         overrides = inherit_choices(command, overrides)  # ckpt= is read once for these checks and the task

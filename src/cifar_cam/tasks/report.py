@@ -22,12 +22,13 @@ from rich.table import Table
 
 from cifar_cam.errors import ConfigError
 from cifar_cam.logs import console
+from cifar_cam.provenance import short_commit
 
 log = logging.getLogger("cifar_cam.report")
 
 SUMMARY_FIELDS = ("best_val_acc", "test_acc", "test_loss", "best_epoch", "epochs_run", "stopped_early", "train_seconds",
                   "images_per_second")
-JOB_FIELDS = ("job", "status", "group", "seed", *SUMMARY_FIELDS, "reason", "overrides")
+JOB_FIELDS = ("job", "status", "group", "seed", *SUMMARY_FIELDS, "commit", "reason", "overrides")
 GROUP_FIELDS = ("group", "n", "failed", "val_acc_mean", "val_acc_std", "test_acc_mean", "test_acc_std",
                 "train_seconds_mean", "jobs")
 NOT_A_CONFIG = ("seed", "ckpt")  # overrides that do not define the configuration being compared (nor hydra.*)
@@ -187,7 +188,7 @@ def job_rows(jobs: list[Job], root: Path | None) -> list[dict[str, Any]]:
         s = j.summary or {}
         rows.append({
             "job": _display(j.path, root), "status": j.status, "group": j.group, "seed": j.seed,
-            **{k: s.get(k) for k in SUMMARY_FIELDS},
+            **{k: s.get(k) for k in SUMMARY_FIELDS}, "commit": short_commit(j.path),
             "reason": j.reason, "overrides": " ".join(j.overrides),
         })
     return rows
@@ -253,7 +254,10 @@ def _pct(mean: float | None, std: float | None = None) -> str:
 def print_tables(groups: list[Group], jobs: list[Job], common: list[str], title: str) -> None:
     """The ranked groups, then every job that did not finish, on the terminal."""
     best_val, _ = mean_std(groups[0].values("best_val_acc")) if groups else (None, None)
-    table = Table(title=title, caption=("shared overrides: " + " ".join(common)) if common else None)
+    commits = sorted({short_commit(j.path) for j in jobs} - {""})
+    caption = "; ".join(filter(None, [("shared overrides: " + " ".join(common)) if common else "",
+                                      ("commit: " + ", ".join(commits)) if commits else ""]))
+    table = Table(title=title, caption=caption or None)
     for name, justify in (("#", "right"), ("config (seed aside)", "left"), ("n", "right"),
                           ("val acc (mean ± std)", "right"), ("Δ val vs best", "right"),
                           ("test acc (mean ± std)", "right"), ("seeds: val / test", "left"),
