@@ -8,9 +8,7 @@ class names, and the config as a plain dict (the architecture is rebuilt from it
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,40 +16,16 @@ import numpy as np
 import torch
 
 from cifar_cam.errors import CheckpointError
+from cifar_cam.io import atomic_path
 
 FORMAT = "cifar-cam/1"
 REQUIRED_KEYS = ("format", "model", "config", "epoch", "classes")
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """Writes `payload` to `path` atomically: temp file in the same dir, fsync, os.replace, fsync dir.
-
-    A kill at any instant leaves either the old file or the new one, never a torn one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; a checkpoint gets the usual mode
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    """Writes `payload` to `path` atomically (io.atomic_path: temp file, fsync, rename, fsync dir)."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **payload}, f)
 
 
 def remove_stale_temp_files(directory: str | Path) -> list[Path]:

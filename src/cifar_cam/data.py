@@ -21,6 +21,7 @@ from torch import Tensor
 
 from cifar_cam.choices import SOURCES
 from cifar_cam.errors import ConfigError, DataError
+from cifar_cam.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -221,11 +222,9 @@ def load_folder(root: str, image_size: int = 32, cache: bool = True) -> tuple[Im
     test_images, test_labels = decode_split(test_files)
     if cache:
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp.npz")
-            np.savez(tmp, train_images=train_images, train_labels=train_labels,
-                     test_images=test_images, test_labels=test_labels)
-            os.replace(tmp, cache_file)
+            with atomic_path(cache_file, suffix=".npz") as tmp:
+                np.savez(tmp, train_images=train_images, train_labels=train_labels,
+                         test_images=test_images, test_labels=test_labels)
         except OSError as e:
             log.warning("data: could not write cache %s (%s)", cache_file, e)
     return _arrays(train_images, train_labels), _arrays(test_images, test_labels), classes

@@ -1,15 +1,19 @@
-"""Run-dir I/O: the conf dir, reserving run dirs, one writer per run dir, atomic JSON writes, the core count.
+"""Run-dir I/O: the conf dir, reserving run dirs, one writer per run dir, atomic writes, the core count.
 
 Nothing here imports torch or the CLI: the CLI, the tasks, report and scripts/ all use it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import fcntl
 import importlib.util
 import itertools
 import json
 import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -64,13 +68,61 @@ def lock_run_dir(run_dir: Path) -> None:
     _HELD[key] = fd
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Writes JSON atomically (temp file + rename): a reader sees the old file or the new one."""
+@contextlib.contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """A temp file beside `path` to write; on success fsynced and renamed onto `path`, on failure removed.
+
+    A kill at any instant leaves the old file or the new one, never a torn one. The temp name is
+    `.<name>.<random>.tmp<suffix>` (the suffix tells savefig / np.savez the format).
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; ours get the usual mode
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a power cut
+    finally:
+        os.close(dir_fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Writes bytes atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Writes JSON atomically: a reader sees the old file or the new one."""
+    text = json.dumps(obj, indent=2) + "\n"  # serialized first: an unserializable object leaves the old file
+    return write_bytes(path, text.encode())
+
+
+def write_csv(path: str | Path, rows: Iterable[dict[str, Any]], fields: Sequence[str]) -> Path:
+    """Writes rows with these columns atomically; None becomes an empty cell."""
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
+    return Path(path)
 
 
 def cores() -> int:

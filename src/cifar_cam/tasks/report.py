@@ -8,7 +8,6 @@ summarized as mean ± sample std over its finished jobs.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -21,6 +20,7 @@ import yaml
 from rich.table import Table
 
 from cifar_cam.errors import ConfigError
+from cifar_cam.io import reserve_dir, write_csv
 from cifar_cam.logs import console
 from cifar_cam.provenance import short_commit
 
@@ -218,18 +218,6 @@ def _display(path: Path, root: Path | None) -> str:
     return str(path)
 
 
-def write_csv(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) -> Path:
-    """Writes rows atomically (temp file + rename); None becomes an empty cell."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(fields))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
-    tmp.replace(path)
-    return path
-
-
 def short_label(label: str) -> str:
     """A group label for the screen and the plot: floats to 4 significant digits (Optuna's lr=0.032130356...)."""
     words = []
@@ -296,8 +284,6 @@ def default_out_dir(paths: Sequence[str | Path]) -> Path:
     """One sweep dir: the report goes into it. Anything else: a new outputs/report/<time>/."""
     if len(paths) == 1 and is_sweep_dir(Path(paths[0])):
         return Path(paths[0])
-    from cifar_cam.io import reserve_dir
-
     return reserve_dir(Path("outputs") / "report")
 
 

@@ -5,7 +5,6 @@ Read top to bottom: build_run, restore (a resume), train_epochs -> run_epoch + e
 
 from __future__ import annotations
 
-import csv
 import logging
 import shlex
 import signal
@@ -32,6 +31,7 @@ from cifar_cam.engine import (
     train_one_epoch,
 )
 from cifar_cam.errors import ConfigError, DivergenceError
+from cifar_cam.io import write_csv
 from cifar_cam.logs import Bars
 from cifar_cam.models import build_model
 from cifar_cam.supervise import Supervisor, TrainingInterrupted
@@ -92,17 +92,6 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: i
     elif span is not None:
         sched_cfg[span] = epochs * (steps_per_epoch if interval == "step" else 1)
     return instantiate(sched_cfg)(optimizer), interval
-
-
-def write_metrics_csv(history: list[dict[str, float]], path: Path) -> None:
-    """metrics.csv from the full history (rewritten atomically: never a duplicate or torn row)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-        writer.writeheader()
-        for row in history:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in METRIC_FIELDS})
-    tmp.replace(path)
 
 
 @dataclass
@@ -334,7 +323,7 @@ def end_of_epoch(run: Run, epoch: int, totals: EpochTotals, size: int, bars: Bar
         "seconds": round(totals.seconds + time.perf_counter() - val_started, 3),
     })
     if run.world.is_main:  # [ddp] only rank 0 writes
-        write_metrics_csv(state.history, run.out / "metrics.csv")
+        write_csv(run.out / "metrics.csv", state.history, METRIC_FIELDS)  # all rows: never torn or doubled
         if improved:
             run.save("best", sup)
         run.save("last", sup)
