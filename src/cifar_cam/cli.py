@@ -340,6 +340,38 @@ def complete(line: str) -> list[str]:
     return BashCompletion(loader)._query(COMMANDS[command][0], rest)
 
 
+def answer_completion_query() -> None:
+    """Prints the candidates for COMP_LINE up to COMP_POINT, as bash sets them for a completion function."""
+    line = os.environ.get("COMP_LINE", "")
+    print("\n".join(complete(line[: int(os.environ.get("COMP_POINT", len(line)))])))
+
+
+def run_dir_overrides(command: str, cfg: Any, overrides: list[str], multirun: bool, world: Any) -> list[str]:
+    """The run (or sweep) dir this invocation writes, reserved and locked before Hydra writes there."""
+    keys = {o.split("=", 1)[0] for o in overrides}
+    if multirun:  # a sweep's dir is new, each job its own: nothing to lock
+        if "hydra.sweep.dir" in keys:
+            return []
+        return [f"hydra.sweep.dir={_quote(reserve_dir(Path('multirun') / command))}"]
+    if "hydra.run.dir" in keys:
+        given = next(o for o in overrides if o.startswith("hydra.run.dir=")).split("=", 1)[1].strip("'\"")
+        take_lock(command, Path(given), world)
+        return []
+    if command == "train" and cfg.get("ckpt"):
+        from cifar_cam.checkpoint import resolve_checkpoint, run_dir_of
+
+        # Resume continues in the run dir it came from; its original .hydra/ stays untouched.
+        run_dir = run_dir_of(resolve_checkpoint(cfg.ckpt, prefer="last"))
+        take_lock(command, run_dir, world)
+        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        return [f"hydra.run.dir={_quote(run_dir)}", f"hydra.output_subdir=.hydra/resume-{stamp}"]
+    from cifar_cam.distributed import rank0_decides
+
+    run_dir = rank0_decides(lambda: reserve_dir(Path("outputs") / command))
+    take_lock(command, run_dir, world)
+    return [f"hydra.run.dir={_quote(run_dir)}"]
+
+
 def report_main(args: list[str]) -> None:
     """`cifar-cam report DIR... [--out DIR]`: plain argparse, since its inputs are directories."""
     import argparse
@@ -411,9 +443,8 @@ def _main(argv: list[str] | None) -> None:
     if args[0] == "--completion":  # `eval "$(cifar-cam --completion bash)"`
         print(completion_script(args[1] if len(args) > 1 else "bash"), end="")
         return
-    if args[0] == "--complete":  # the shell function's query: COMP_LINE / COMP_POINT as bash sets them
-        line = os.environ.get("COMP_LINE", "")
-        print("\n".join(complete(line[: int(os.environ.get("COMP_POINT", len(line)))])))
+    if args[0] == "--complete":  # the shell function's query
+        answer_completion_query()
         return
     command, rest = args[0], args[1:]
     if command == "report":
@@ -430,8 +461,7 @@ def _main(argv: list[str] | None) -> None:
     if flags & {"-sc", "--shell-completion"}:  # Hydra's own would call `cifar-cam -sc query=...`, which can't work
         value = " ".join(flag_args)
         if "query=" in value:
-            line = os.environ.get("COMP_LINE", "")
-            print("\n".join(complete(line[: int(os.environ.get("COMP_POINT", len(line)))])))
+            answer_completion_query()
         else:
             print(completion_script("zsh" if "zsh" in value else "bash"), end="")
         return
@@ -441,26 +471,7 @@ def _main(argv: list[str] | None) -> None:
         cfg = precheck(command, overrides)
         multirun = bool(flags & {"-m", "--multirun"})
         world = join_ranks(command, cfg, multirun)  # [ddp] torchrun's ranks: one run dir, chosen by rank 0
-        keys = {o.split("=", 1)[0] for o in overrides}
-        if multirun and "hydra.sweep.dir" not in keys:
-            extra.append(f"hydra.sweep.dir={_quote(reserve_dir(Path('multirun') / command))}")
-        elif not multirun and "hydra.run.dir" not in keys:
-            if command == "train" and cfg.get("ckpt"):
-                from cifar_cam.checkpoint import resolve_checkpoint, run_dir_of
-
-                # Resume continues in the run dir it came from; its original .hydra/ stays untouched.
-                run_dir = run_dir_of(resolve_checkpoint(cfg.ckpt, prefer="last"))
-                stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-                extra += [f"hydra.run.dir={_quote(run_dir)}", f"hydra.output_subdir=.hydra/resume-{stamp}"]
-            else:
-                from cifar_cam.distributed import rank0_decides
-
-                run_dir = rank0_decides(lambda: reserve_dir(Path("outputs") / command))
-                extra.append(f"hydra.run.dir={_quote(run_dir)}")
-            take_lock(command, run_dir, world)
-        elif not multirun:
-            take_lock(command, Path(next(o for o in overrides if o.startswith("hydra.run.dir=")).split("=", 1)[1]),
-                      world)
+        extra += run_dir_overrides(command, cfg, overrides, multirun, world)
         from cifar_cam.distributed import quiet_overrides
 
         extra += quiet_overrides(world)  # [ddp] ranks other than 0 write no files
