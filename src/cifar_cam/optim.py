@@ -40,8 +40,7 @@ def orthogonalize(g: Tensor, steps: int = 3, dtype: torch.dtype = torch.float32,
 
 def ns_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA GPUs that have it (airbench runs the iteration in bf16: it only needs a direction), fp32
-    elsewhere: on a 2-core AMX CPU bf16 made the width-16 ResNet18's Muon step slower (25.5 against 19.7 ms),
-    as its small filters gain nothing from AMX."""
+    elsewhere: small filters gain nothing from AMX, and bf16 made the step slower there (docs/benchmarks.md)."""
     return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
@@ -55,7 +54,7 @@ class Muon(torch.optim.Optimizer):
 
     Two param groups, both scheduled through `lr`: group 0 the filters, group 1 the rest, whose
     step uses `lr * aux_lr_scale` (so schedulers, which rewrite every group's `lr`, keep the ratio).
-    3 Newton-Schulz iterations by default, as airbench (Muon's usual 5 cost 1.5x as much per step here).
+    3 Newton-Schulz iterations by default, as airbench (Muon's usual 5 cost more per step).
     """
 
     def __init__(self, params: Iterable[Tensor], lr: float = 0.05, momentum: float = 0.9, nesterov: bool = True,
