@@ -72,10 +72,16 @@ def _choice(choices: Iterable[str]) -> Callable[[Any], bool]:
     return lambda v: v in options
 
 
-def validate(cfg: DictConfig, command: str) -> None:
-    """Checks every key `command` uses; raises ConfigError naming the first bad one."""
-    c = cfg
+TRAINING = ("train", "lr-find")  # the commands that take optimizer steps
+
+
+def _validate_top_level(c: DictConfig, command: str) -> None:
+    """seed."""
     _check(c, "seed", _is_int, "an integer")
+
+
+def _validate_data(c: DictConfig, command: str) -> None:
+    """data.*: the keys of every source, then those of the chosen one."""
     _check(c, "data.source", _choice(SOURCES), f"one of {list(SOURCES)}")
     _check(c, "data.batch_size", _int_at_least(1), "an integer >= 1")
     _check(c, "data.num_workers", lambda v: v == "auto" or (_is_int(v) and v >= 0), "'auto' or an integer >= 0")
@@ -89,8 +95,16 @@ def validate(cfg: DictConfig, command: str) -> None:
         _check(c, "data.train_size", _int_at_least(2), "an integer >= 2")
         _check(c, "data.test_size", _int_at_least(1), "an integer >= 1")
         _check(c, "data.image_size", _int_at_least(8), "an integer >= 8")
+
+
+def _validate_model(c: DictConfig, command: str) -> None:
+    """model.*."""
     _check(c, "model.name", _choice(MODEL_NAMES), f"one of {list(MODEL_NAMES)}")
     _check(c, "model.width", _int_at_least(1), "an integer >= 1")
+
+
+def _validate_aug(c: DictConfig, command: str) -> None:
+    """aug.*: presets differ in their keys, so probabilities, angles and pixels are checked by name."""
     _check(c, "aug.preset", _choice(PRESETS), f"one of {list(PRESETS)}")
     _check(c, "aug.backend", _choice(BACKENDS), f"one of {list(BACKENDS)}")
     for key in OmegaConf.to_container(c.aug) or {}:
@@ -100,72 +114,136 @@ def validate(cfg: DictConfig, command: str) -> None:
             _check(c, "aug.rotate_limit", _number_in(0, 180), "degrees in [0, 180]")
         elif key in ("cutout_size", "pad"):
             _check(c, f"aug.{key}", _int_at_least(0), "an integer >= 0 (pixels)")
+
+
+def _validate_eval(c: DictConfig, command: str) -> None:
+    """eval.*."""
     _check(c, "eval.batch_size", _int_at_least(1), "an integer >= 1")
     _check(c, "eval.tta", _is_bool, "true or false")
+
+
+def _validate_runtime(c: DictConfig, command: str) -> None:
+    """trainer.device, precision and threads: how every command runs, not only train."""
     _check(c, "trainer.device", lambda v: isinstance(v, str) and bool(DEVICE_PATTERN.match(v)),
            "auto, cpu, cuda or cuda:N")
     _check(c, "trainer.precision", _choice(PRECISIONS), f"one of {list(PRECISIONS)}")
-    _check(c, "trainer.stall_timeout", lambda v: v == "auto" or _positive(v), "'auto', null (off) or seconds > 0",
-           optional=True)
-    _check(c, "trainer.stop_grace", _positive, "seconds > 0")
     _check(c, "trainer.num_threads", lambda v: v == "auto" or (_is_int(v) and v >= 1), "'auto' or an integer >= 1",
            optional=True)
 
-    if command in ("train", "lr-find"):
-        _check(c, "optimizer.lr", lambda v: v == "auto" or _positive(v),
-               "a number > 0 or 'auto' (run the LR range test first)")
-        _check(c, "optimizer._target_",
-               lambda v: isinstance(v, str) and (v.startswith("torch.optim.") or v == "cifar_cam.optim.Muon"),
-               "a torch.optim class or cifar_cam.optim.Muon")
-        if "weight_decay" in c.optimizer:
-            _check(c, "optimizer.weight_decay", _number_in(0, float("inf")), "a number >= 0")
-        if "momentum" in c.optimizer:
-            _check(c, "optimizer.momentum", _number_in(0, 1, high_open=True), "a number in [0, 1)")
-        if "aux_lr_scale" in c.optimizer:
-            _check(c, "optimizer.aux_lr_scale", _positive, "a number > 0")
-        if "nesterov" in c.optimizer:
-            _check(c, "optimizer.nesterov", _is_bool, "true or false")
-        if "ns_steps" in c.optimizer:
-            _check(c, "optimizer.ns_steps", _int_at_least(1), "an integer >= 1")
-        _check(c, "scheduler.interval", _choice(("epoch", "step")), "epoch or step")
-        _check(c, "trainer.epochs", _int_at_least(1), "an integer >= 1")
-        _check(c, "trainer.early_stopping.patience", _int_at_least(1), "null (off) or an integer >= 1",
-               optional=True)
-        _check(c, "trainer.early_stopping.min_delta", _number_in(0, 1), "a fraction in [0, 1]")
-        _check(c, "trainer.label_smoothing", _number_in(0, 1, high_open=True), "a number in [0, 1)")
-        _check(c, "trainer.log_every", lambda v: v == "auto" or (_is_int(v) and v >= 1), "'auto' or an integer >= 1")
-        _check(c, "trainer.compile", _is_bool, "true or false")
-        _check(c, "trainer.channels_last", _is_bool, "true or false")
-        _check(c, "trainer.deterministic", _is_bool, "true or false")
-        _check(c, "trainer.strategy", _choice(STRATEGIES), "auto, single or ddp", optional=True)
-        _check(c, "trainer.progressive_resize", _image_sizes, "null or a list of image sizes (integers >= 8)",
-               optional=True)
-        sizes, epochs = _get(c, "trainer.progressive_resize"), _get(c, "trainer.epochs")
-        full_size = image_size(c)
-        if sizes is not None and len(sizes) > epochs:
-            raise ConfigError(f"trainer.progressive_resize lists {len(sizes)} epochs but trainer.epochs={epochs}: "
-                              "shorten it (e.g. trainer.progressive_resize=[12,16]) or pass "
-                              "trainer.progressive_resize=null")
-        if sizes is not None and any(size > full_size for size in sizes):
-            raise ConfigError(f"trainer.progressive_resize={list(sizes)} has sizes above the {full_size}-pixel "
-                              "images: progressive resizing only shrinks")
-        _check(c, "trainer.sync_batchnorm", _is_bool, "true or false", optional=True)
-    if command == "lr-find" or (command == "train" and _get(c, "optimizer.lr") == "auto"):
-        _check(c, "lr_find.start_lr", _positive, "a number > 0")
-        _check(c, "lr_find.end_lr", lambda v: _is_number(v) and v > _get(c, "lr_find.start_lr"),
-               f"a number > lr_find.start_lr ({_get(c, 'lr_find.start_lr')})")
-        _check(c, "lr_find.num_iter", _int_at_least(2), "an integer >= 2")
-    if command == "gradcam":
-        _check(c, "gradcam.num_images", _int_at_least(1), "an integer >= 1")
-        _check(c, "gradcam.method", _choice(CAM_METHODS), f"one of {list(CAM_METHODS)}")
-        _check(c, "gradcam.select", _choice(CAM_SELECT), f"one of {list(CAM_SELECT)}")
-        _check(c, "gradcam.target", _is_bool, "true or false")
-        _check(c, "gradcam.target_layers", lambda v: isinstance(v, (list, tuple)) or OmegaConf.is_list(v),
-               "a list of layer names, e.g. [layer3,layer4]")
-    if command in ("eval", "gradcam") and OmegaConf.is_missing(c, "ckpt"):
+
+def _validate_optimizer(c: DictConfig, command: str) -> None:
+    """optimizer.*: the keys an optimizer class lacks (Adam's momentum) are checked only where present."""
+    if command not in TRAINING:
+        return
+    _check(c, "optimizer.lr", lambda v: v == "auto" or _positive(v),
+           "a number > 0 or 'auto' (run the LR range test first)")
+    _check(c, "optimizer._target_",
+           lambda v: isinstance(v, str) and (v.startswith("torch.optim.") or v == "cifar_cam.optim.Muon"),
+           "a torch.optim class or cifar_cam.optim.Muon")
+    if "weight_decay" in c.optimizer:
+        _check(c, "optimizer.weight_decay", _number_in(0, float("inf")), "a number >= 0")
+    if "momentum" in c.optimizer:
+        _check(c, "optimizer.momentum", _number_in(0, 1, high_open=True), "a number in [0, 1)")
+    if "aux_lr_scale" in c.optimizer:
+        _check(c, "optimizer.aux_lr_scale", _positive, "a number > 0")
+    if "nesterov" in c.optimizer:
+        _check(c, "optimizer.nesterov", _is_bool, "true or false")
+    if "ns_steps" in c.optimizer:
+        _check(c, "optimizer.ns_steps", _int_at_least(1), "an integer >= 1")
+
+
+def _validate_scheduler(c: DictConfig, command: str) -> None:
+    """scheduler.interval: what train.py reads before it instantiates the rest."""
+    if command not in TRAINING:
+        return
+    _check(c, "scheduler.interval", _choice(("epoch", "step")), "epoch or step")
+
+
+def _validate_trainer(c: DictConfig, command: str) -> None:
+    """trainer.* of the training loop (the runtime keys are _validate_runtime's)."""
+    if command not in TRAINING:
+        return
+    _check(c, "trainer.epochs", _int_at_least(1), "an integer >= 1")
+    _check(c, "trainer.early_stopping.patience", _int_at_least(1), "null (off) or an integer >= 1", optional=True)
+    _check(c, "trainer.early_stopping.min_delta", _number_in(0, 1), "a fraction in [0, 1]")
+    _check(c, "trainer.label_smoothing", _number_in(0, 1, high_open=True), "a number in [0, 1)")
+    _check(c, "trainer.log_every", lambda v: v == "auto" or (_is_int(v) and v >= 1), "'auto' or an integer >= 1")
+    _check(c, "trainer.compile", _is_bool, "true or false")
+    _check(c, "trainer.channels_last", _is_bool, "true or false")
+    _check(c, "trainer.deterministic", _is_bool, "true or false")
+    _check(c, "trainer.strategy", _choice(STRATEGIES), "auto, single or ddp", optional=True)
+    _check(c, "trainer.progressive_resize", _image_sizes, "null or a list of image sizes (integers >= 8)",
+           optional=True)
+    _check_progressive_resize(c)
+    _check(c, "trainer.sync_batchnorm", _is_bool, "true or false", optional=True)
+
+
+def _check_progressive_resize(c: DictConfig) -> None:
+    """trainer.progressive_resize against trainer.epochs and the full image size."""
+    sizes, epochs = _get(c, "trainer.progressive_resize"), _get(c, "trainer.epochs")
+    full_size = image_size(c)
+    if sizes is not None and len(sizes) > epochs:
+        raise ConfigError(f"trainer.progressive_resize lists {len(sizes)} epochs but trainer.epochs={epochs}: "
+                          "shorten it (e.g. trainer.progressive_resize=[12,16]) or pass "
+                          "trainer.progressive_resize=null")
+    if sizes is not None and any(size > full_size for size in sizes):
+        raise ConfigError(f"trainer.progressive_resize={list(sizes)} has sizes above the {full_size}-pixel "
+                          "images: progressive resizing only shrinks")
+
+
+def _validate_lr_find(c: DictConfig, command: str) -> None:
+    """lr_find.*: for lr-find, and for a train run whose optimizer.lr=auto runs the range test first."""
+    if not (command == "lr-find" or (command == "train" and _get(c, "optimizer.lr") == "auto")):
+        return
+    _check(c, "lr_find.start_lr", _positive, "a number > 0")
+    _check(c, "lr_find.end_lr", lambda v: _is_number(v) and v > _get(c, "lr_find.start_lr"),
+           f"a number > lr_find.start_lr ({_get(c, 'lr_find.start_lr')})")
+    _check(c, "lr_find.num_iter", _int_at_least(2), "an integer >= 2")
+
+
+def _validate_gradcam(c: DictConfig, command: str) -> None:
+    """gradcam.*."""
+    if command != "gradcam":
+        return
+    _check(c, "gradcam.num_images", _int_at_least(1), "an integer >= 1")
+    _check(c, "gradcam.method", _choice(CAM_METHODS), f"one of {list(CAM_METHODS)}")
+    _check(c, "gradcam.select", _choice(CAM_SELECT), f"one of {list(CAM_SELECT)}")
+    _check(c, "gradcam.target", _is_bool, "true or false")
+    _check(c, "gradcam.target_layers", lambda v: isinstance(v, (list, tuple)) or OmegaConf.is_list(v),
+           "a list of layer names, e.g. [layer3,layer4]")
+
+
+def _validate_ckpt(c: DictConfig, command: str) -> None:
+    """ckpt: required by eval and gradcam."""
+    if command not in ("eval", "gradcam"):
+        return
+    if OmegaConf.is_missing(c, "ckpt"):
         raise ConfigError(f"{command} needs ckpt=PATH: a train run dir (uses its checkpoints/best.pt) or a .pt file")
-    if command in ("eval", "gradcam"):
-        _check(c, "ckpt", lambda v: isinstance(v, str) and v != "", "a checkpoint file or a train run dir")
+    _check(c, "ckpt", lambda v: isinstance(v, str) and v != "", "a checkpoint file or a train run dir")
+
+
+# One validator a section, run in this order: the first bad key is the one reported. Each decides
+# for itself which commands use its keys. A new key goes into its section's validator.
+SECTION_VALIDATORS: dict[str, Callable[[DictConfig, str], None]] = {
+    "seed": _validate_top_level,
+    "data": _validate_data,
+    "model": _validate_model,
+    "aug": _validate_aug,
+    "eval": _validate_eval,
+    "trainer (runtime)": _validate_runtime,
+    "optimizer": _validate_optimizer,
+    "scheduler": _validate_scheduler,
+    "trainer": _validate_trainer,
+    "lr_find": _validate_lr_find,
+    "gradcam": _validate_gradcam,
+    "ckpt": _validate_ckpt,
+}
+
+
+def validate(cfg: DictConfig, command: str) -> None:
+    """Checks every key `command` uses; raises ConfigError naming the first bad one."""
+    for check_section in SECTION_VALIDATORS.values():
+        check_section(cfg, command)
 
 
 # Sections of a checkpoint's config that define what was trained: eval and gradcam rebuild
