@@ -135,3 +135,15 @@ def test_resume_with_a_new_momentum_trains_with_it_and_reads_last_pt_once(
     assert last["epoch"] == 3
     assert [g["momentum"] for g in last["optimizer"]["param_groups"]] == [0.5]
     assert last["config"]["optimizer"]["momentum"] == 0.5  # the config says what the run did
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.stall_timeout=-1", "trainer.stall_timeout must be 'auto', null (off) or seconds > 0, got -1"),
+    ("trainer.stall_timeout=soon", "trainer.stall_timeout must be 'auto', null (off) or seconds > 0, got 'soon'"),
+    ("trainer.stop_grace=0", "trainer.stop_grace must be seconds > 0, got 0"),
+])
+def test_bad_stall_timeout_and_stop_grace_are_refused(override: str, message: str) -> None:
+    from cifar_cam.config import validate
+
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate(compose_cfg("train", [*TINY, override]), "train")

@@ -129,6 +129,9 @@ def _validate_runtime(c: DictConfig, command: str) -> None:
     _check(c, "trainer.precision", _choice(PRECISIONS), f"one of {list(PRECISIONS)}")
     _check(c, "trainer.num_threads", lambda v: v == "auto" or (_is_int(v) and v >= 1), "'auto' or an integer >= 1",
            optional=True)
+    _check(c, "trainer.stall_timeout", lambda v: v == "auto" or _positive(v), "'auto', null (off) or seconds > 0",
+           optional=True)
+    _check(c, "trainer.stop_grace", _positive, "seconds > 0")
 
 
 def _validate_optimizer(c: DictConfig, command: str) -> None:
