@@ -8,9 +8,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cifar_cam.cli import COMMANDS, config_dir
+from cifar_cam.cli import COMMANDS
 from cifar_cam.config import merge_with_checkpoint, validate
 from cifar_cam.errors import ConfigError
+from cifar_cam.io import config_dir
 
 GROUPS = ["data", "model", "aug", "optimizer", "scheduler", "trainer", "experiment"]
 
@@ -90,12 +91,36 @@ def test_cpu_quick_builds_with_any_optimizer(optimizer: str) -> None:
         ("model.width=0", "model.width must be an integer >= 1"),
         ("trainer.early_stopping.patience=0", "trainer.early_stopping.patience must be null (off) or an integer"),
         ("trainer.precision=fp8", "trainer.precision must be one of"),
+        ("trainer.stall_timeout=0", "trainer.stall_timeout must be 'auto', null (off) or seconds > 0, got 0"),
+        ("trainer.stop_grace=null", "trainer.stop_grace must be seconds > 0, got None"),
     ],
 )
 def test_validate_names_key_and_value(override: str, message: str) -> None:
     cfg = _compose("train", [override])
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
         validate(cfg, "train")
+
+
+def test_validate_checks_scheduler_span() -> None:
+    from omegaconf import open_dict
+
+    cfg = _compose("train", [])
+    with open_dict(cfg):
+        cfg.scheduler.span = "epochs"
+    with pytest.raises(ConfigError, match=r"scheduler.span must be null or one of \[.*\], got 'epochs'"):
+        validate(cfg, "train")
+
+
+def test_a_checkpoint_older_than_the_newer_keys_still_validates() -> None:
+    """A resume takes the checkpoint's sections whole: keys added since it was written are absent, not wrong."""
+    cfg = _compose("train", ["ckpt=x", "trainer.stall_timeout=null"])
+    validate(cfg, "train")  # null: the watchdog off
+    stored = OmegaConf.to_container(cfg)
+    for section, key in (("trainer", "stall_timeout"), ("trainer", "stop_grace"), ("scheduler", "span")):
+        stored[section].pop(key, None)
+    merged = merge_with_checkpoint(cfg, stored, ["ckpt=x"])
+    assert "stop_grace" not in merged.trainer
+    validate(merged, "train")
 
 
 def test_eval_requires_ckpt() -> None:

@@ -14,3 +14,5 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # trainer.precision (engine.py)
 STRATEGIES = ("auto", "single", "ddp")  # trainer.strategy (distributed.py)
 CAM_METHODS = ("gradcam", "gradcam++")  # gradcam.method (cam/gradcam.py)
 CAM_SELECT = ("most_confident", "first", "random")  # gradcam.select (tasks/gradcam.py)
+INTERVALS = ("epoch", "step")  # scheduler.interval: when train.py steps the scheduler
+SCHEDULER_SPANS = ("total_steps", "T_max")  # scheduler.span (or null): the argument bound to the run's length

@@ -12,7 +12,18 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_cam.choices import BACKENDS, CAM_METHODS, CAM_SELECT, MODEL_NAMES, PRECISIONS, PRESETS, SOURCES, STRATEGIES
+from cifar_cam.choices import (
+    BACKENDS,
+    CAM_METHODS,
+    CAM_SELECT,
+    INTERVALS,
+    MODEL_NAMES,
+    PRECISIONS,
+    PRESETS,
+    SCHEDULER_SPANS,
+    SOURCES,
+    STRATEGIES,
+)
 from cifar_cam.errors import ConfigError
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
@@ -129,9 +140,12 @@ def _validate_runtime(c: DictConfig, command: str) -> None:
     _check(c, "trainer.precision", _choice(PRECISIONS), f"one of {list(PRECISIONS)}")
     _check(c, "trainer.num_threads", lambda v: v == "auto" or (_is_int(v) and v >= 1), "'auto' or an integer >= 1",
            optional=True)
-    _check(c, "trainer.stall_timeout", lambda v: v == "auto" or _positive(v), "'auto', null (off) or seconds > 0",
-           optional=True)
-    _check(c, "trainer.stop_grace", _positive, "seconds > 0")
+    # Only where present: a checkpoint written before these keys existed resumes without them.
+    if "stall_timeout" in c.trainer:
+        _check(c, "trainer.stall_timeout", lambda v: v == "auto" or _positive(v),
+               "'auto', null (off) or seconds > 0", optional=True)
+    if "stop_grace" in c.trainer:
+        _check(c, "trainer.stop_grace", _positive, "seconds > 0")
 
 
 def _validate_optimizer(c: DictConfig, command: str) -> None:
@@ -156,10 +170,12 @@ def _validate_optimizer(c: DictConfig, command: str) -> None:
 
 
 def _validate_scheduler(c: DictConfig, command: str) -> None:
-    """scheduler.interval: what train.py reads before it instantiates the rest."""
+    """scheduler.interval and scheduler.span: what train.py reads before it instantiates the rest."""
     if command not in TRAINING:
         return
-    _check(c, "scheduler.interval", _choice(("epoch", "step")), "epoch or step")
+    _check(c, "scheduler.interval", _choice(INTERVALS), "epoch or step")
+    # optional: null (nothing bound), and absent in checkpoints written before the key existed
+    _check(c, "scheduler.span", _choice(SCHEDULER_SPANS), f"null or one of {list(SCHEDULER_SPANS)}", optional=True)
 
 
 def _validate_trainer(c: DictConfig, command: str) -> None:
