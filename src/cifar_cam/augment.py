@@ -347,8 +347,8 @@ def downscale(images: Tensor, size: int) -> Tensor:
     """Normalized NCHW batches shrunk to size x size by area averaging (each output pixel the mean of its window).
 
     The convnet is resolution-agnostic up to its global pooling, and its cost grows with the pixel
-    count: a 16-pixel epoch costs about a third of a 32-pixel one on a CPU. Area averaging is 2x
-    cheaper than antialiased bilinear here and exact for integer factors.
+    count, so small epochs are cheap. Area averaging is cheaper than antialiased bilinear and exact
+    for integer factors (figures in docs/benchmarks.md).
     """
     if images.shape[-1] == size and images.shape[-2] == size:
         return images

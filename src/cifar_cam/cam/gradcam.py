@@ -2,7 +2,7 @@
 
 One forward and one backward pass per batch. The backward is `torch.autograd.grad` with
 respect to the hooked activations only, so autograd stops at the earliest target layer and
-never computes a weight gradient (~3x cheaper on a CPU than a full `loss.backward()`).
+never computes a weight gradient (far cheaper than a full `loss.backward()`).
 
 The normalization matches pytorch-grad-cam (our reference in tests/test_cam.py): ReLU,
 min-max per image at the layer's resolution, bilinear upsampling to the input size
