@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -47,7 +46,7 @@ from torch.utils.data import DataLoader, Dataset
 from cifar_cam.augment import BACKENDS, PRESETS, build_train_batches, build_train_transform
 from cifar_cam.data import CIFAR10_MEAN, CIFAR10_STD, ImageArrays, make_synthetic, resolve_num_workers
 from cifar_cam.engine import autocast, precision_name, resolve_precision, train_one_epoch
-from cifar_cam.io import config_dir
+from cifar_cam.io import config_dir, write_json
 from cifar_cam.models import build_model
 
 NUM_CLASSES = 10
@@ -336,8 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["date"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     results["command"] = " ".join(["scripts/bench.py", *(sys.argv[1:] if argv is None else argv)])
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        write_json(args.json, results)  # atomic: a killed bench never leaves a torn results file
         print(f"wrote {args.json}")
     return results
 

@@ -25,7 +25,8 @@ def test_wheel_ships_every_config(tmp_path: Path) -> None:
 
 
 def test_config_dir_holds_the_main_configs() -> None:
-    from cifar_cam.cli import COMMANDS, config_dir
+    from cifar_cam.cli import COMMANDS
+    from cifar_cam.io import config_dir
 
     for name, _, _ in COMMANDS.values():
         assert (Path(config_dir()) / f"{name}.yaml").is_file(), name

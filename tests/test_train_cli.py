@@ -68,7 +68,7 @@ def test_eval_accepts_a_pt_file_and_overrides_win(trained_run: Path, tmp_path: P
 
 def test_eight_concurrent_runs_get_eight_directories(tmp_path: Path) -> None:
     # --cfg would skip the run; an invalid value fails after... so use the real reservation via a tiny helper
-    code = ("import sys; from pathlib import Path; from cifar_cam.cli import reserve_dir; "
+    code = ("import sys; from pathlib import Path; from cifar_cam.io import reserve_dir; "
             "print(reserve_dir(Path('outputs/train')))")
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
              for _ in range(8)]

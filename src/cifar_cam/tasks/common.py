@@ -46,7 +46,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def processes_sharingcores() -> int:
+def processes_sharing_cores() -> int:
     """How many processes of this run share the machine's cores: joblib sweep jobs, or torchrun ranks on a node."""
     from cifar_cam.distributed import world
 
@@ -63,7 +63,7 @@ def resolve_num_threads(setting: int | str) -> int | None:
     or None (torch's default) when this process is alone."""
     if setting != "auto":
         return int(setting)
-    sharing = processes_sharingcores()
+    sharing = processes_sharing_cores()
     return max(1, cores() // sharing) if sharing > 1 else None
 
 
