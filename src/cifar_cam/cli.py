@@ -306,10 +306,18 @@ def take_lock(command: str, run_dir: Path, world: Any) -> None:
 
 COMPLETION_SCRIPT = """# cifar-cam completion ({shell}): eval "$(cifar-cam --completion {shell})"
 {prelude}_cifar_cam_complete() {{
-    local IFS=$'\\n'
+    local IFS=$'\\n' cur="${{COMP_LINE:0:$COMP_POINT}}"
     COMPREPLY=($(COMP_LINE="$COMP_LINE" COMP_POINT="$COMP_POINT" cifar-cam --complete 2>/dev/null))
+    # bash also splits words at '=' and ':' (COMP_WORDBREAKS; zsh does not) and replaces only what follows them
+    cur="${{cur##* }}"
+    local breaks="${{COMP_WORDBREAKS//[^=:]}}"
+    if [[ -n "$breaks" ]]; then
+        local head="${{cur%"${{cur##*[$breaks]}}"}}"
+        [[ -n "$head" ]] && COMPREPLY=("${{COMPREPLY[@]#"$head"}}")
+    fi
+    return 0
 }}
-complete -o nospace -F _cifar_cam_complete cifar-cam
+complete -o nospace -o default -F _cifar_cam_complete cifar-cam
 """
 ZSH_PRELUDE = "autoload -U +X compinit && compinit\nautoload -U +X bashcompinit && bashcompinit\n"
 
@@ -323,12 +331,13 @@ def completion_script(shell: str) -> str:
 
 def complete(line: str) -> list[str]:
     """Candidates for the last word of `line` (a shell's COMP_LINE up to the cursor): commands, then overrides."""
-    words = line.split()
-    at_new_word = line.endswith(" ")
-    if len(words) <= 1 or (len(words) == 2 and not at_new_word):
-        prefix = "" if len(words) <= 1 else words[1]
-        return [c for c in [*COMMANDS, "report"] if c.startswith(prefix)]
-    command = words[1]
+    words = line.split() + ([""] if not line or line[-1].isspace() else [])  # words[-1]: the word being completed
+    if len(words) <= 2:
+        prefix = words[-1] if len(words) == 2 else ""
+        return [f"{c} " for c in [*COMMANDS, "report"] if c.startswith(prefix)]  # a command is a whole word
+    command, word = words[1], words[-1]
+    if command == "report":  # its arguments are run and sweep dirs
+        return [f"{o} " for o in ("--out", "--help") if o.startswith(word)] if word.startswith("-") else _paths(word)
     if command not in COMMANDS:
         return []
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
@@ -336,8 +345,23 @@ def complete(line: str) -> list[str]:
     from hydra._internal.utils import create_config_search_path
 
     loader = ConfigLoaderImpl(config_search_path=create_config_search_path(config_dir()))
-    rest = " ".join(words[2:]) + (" " if at_new_word else "")
-    return BashCompletion(loader)._query(COMMANDS[command][0], rest)
+    found = BashCompletion(loader)._query(COMMANDS[command][0], " ".join(words[2:]))
+    key, eq, value = word.partition("=")
+    if not found and eq:  # no config value matches: a path (ckpt=outputs/train/..., data.root=...)
+        return [f"{key}={p}" for p in _paths(value)]
+    return found
+
+
+def _paths(prefix: str) -> list[str]:
+    """Files and folders whose path starts with `prefix`, folders with a trailing '/'."""
+    start = prefix.rpartition("/")[2]
+    folder = prefix[: len(prefix) - len(start)]
+    try:
+        entries = sorted(Path(folder or ".").expanduser().iterdir())
+    except OSError:
+        return []
+    return [f"{folder}{p.name}" + ("/" if p.is_dir() else "") for p in entries
+            if p.name.startswith(start) and (start.startswith(".") or not p.name.startswith("."))]
 
 
 def answer_completion_query() -> None:
