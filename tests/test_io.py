@@ -28,3 +28,31 @@ def test_files_get_the_usual_mode_and_csv_cells(tmp_path: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_png_that_fails_mid_savefig_keeps_the_old_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.figure import Figure
+
+    from cifar_cam import viz
+
+    rows = [{"epoch": 1, "train_loss": 2.0, "train_acc": 0.2, "val_loss": 2.1, "val_acc": 0.2, "lr": 0.1}]
+    target = viz.plot_curves(rows, tmp_path / "curves.png")
+    good = target.read_bytes()
+
+    def torn_savefig(self: Figure, fname: str | Path, **kwargs: object) -> None:
+        Path(fname).write_bytes(good[:100])  # a disk that fills up after the header
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", torn_savefig)
+    with pytest.raises(OSError):
+        viz.plot_curves(rows, target)
+    assert target.read_bytes() == good and sorted(p.name for p in tmp_path.iterdir()) == ["curves.png"]
+
+
+def test_a_checkpoint_temp_file_is_what_the_stale_cleanup_finds(tmp_path: Path) -> None:
+    from cifar_cam.checkpoint import remove_stale_temp_files
+
+    with atomic_path(tmp_path / "last.pt") as tmp:
+        assert tmp.parent == tmp_path and tmp.match(".*.pt.*.tmp")  # a kill here leaves it for the next run
+        tmp.write_bytes(b"weights")
+    assert remove_stale_temp_files(tmp_path) == [] and (tmp_path / "last.pt").read_bytes() == b"weights"
