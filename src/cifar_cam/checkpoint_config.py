@@ -78,6 +78,7 @@ def load_with_config(cfg: DictConfig, command: str, overrides: list[str], choice
     """`cfg.ckpt`'s payload and the config to run with: the checkpoint's stored values, the command line on top.
 
     Validated for `command`; for `train` (a resume), also checked to continue the run (check_resume).
+    Whether the other commands' weights fit is checked where the model is built (the CLI's pre-check, the task).
     Without `ckpt=`: (None, cfg).
     """
     if "ckpt" not in cfg or OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
@@ -91,10 +92,6 @@ def load_with_config(cfg: DictConfig, command: str, overrides: list[str], choice
     validate(merged, command)
     if command == "train":
         check_resume(merged, payload)
-    else:
-        from cifar_cam.checkpoint import model_from_checkpoint
-
-        model_from_checkpoint(payload)  # the weights fit the architecture the config names
     return payload, merged
 
 

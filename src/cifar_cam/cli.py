@@ -196,7 +196,12 @@ def with_checkpoint_config(command: str, cfg: Any, overrides: list[str]) -> Any:
     (checkpoint_config.load_with_config, which the task calls again: the file is read once per process)."""
     from cifar_cam.checkpoint_config import load_with_config
 
-    return load_with_config(cfg, command, overrides)[1]
+    payload, merged = load_with_config(cfg, command, overrides)
+    if payload is not None and command != "train":  # train's resume check builds the model itself
+        from cifar_cam.checkpoint import model_from_checkpoint
+
+        model_from_checkpoint(payload)  # weights that do not fit: one line now, not after the data loads
+    return merged
 
 
 def inherit_choices(command: str, overrides: list[str]) -> list[str]:

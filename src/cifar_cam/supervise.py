@@ -47,12 +47,6 @@ class TrainingInterrupted(CifarCamError):
         self.exit_code = 128 + signum
 
 
-class StallError(CifarCamError):
-    """Nothing finished within trainer.stall_timeout (exit 3)."""
-
-    exit_code = STALL_EXIT_CODE
-
-
 def resolve_stall_timeout(setting: float | str | None, step_seconds: list[float] | deque[float]) -> float | None:
     """Seconds without progress that count as a stall: a number as given, 'auto' from the median step, None off."""
     if setting is None:
@@ -123,11 +117,11 @@ class Supervisor:
         """Something finished (a training step when `step`); the stall clock restarts."""
         now = time.monotonic()
         with self._lock:
-            if step and self._last_beat is not None and self._last_step is not None:
-                self._steps.append(now - self._last_step)
             if step:
+                if self._last_step is not None:
+                    self._steps.append(now - self._last_step)
                 self._last_step = now
-            if step or self._last_beat is not None:
+            if self._last_step is not None:  # armed from the first step on
                 self._last_beat = now
             if where is not None:
                 self.where = where
