@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cifar_cam.cache import folder_cache_file, megabytes, shown
 from cifar_cam.choices import SOURCES
 from cifar_cam.errors import ConfigError, DataError
 from cifar_cam.io import atomic_path
@@ -171,13 +172,6 @@ class _FolderReader:
         return h.hexdigest()[:16]
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("CIFAR_CAM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cifar-cam"
-    )
-    return Path(base)
-
-
 def _split_files(reader: _FolderReader, root: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """The image files of train/ and test/ by class; both must have the same non-empty class folders."""
     train_files = _class_files(reader.names, "train", root)
@@ -197,11 +191,12 @@ def load_folder(root: str, image_size: int = 32, cache: bool = True) -> tuple[Im
     reader = _FolderReader(root)
     train_files, test_files = _split_files(reader, root)
     classes = list(train_files)
-    cache_file = _cache_dir() / f"folder-{reader.fingerprint()}-{image_size}.npz"
+    cache_file = folder_cache_file(reader.fingerprint(), image_size)
     if cache and cache_file.exists():
         try:
             with np.load(cache_file) as z:
-                log.info("data: %s (cached arrays %s)", root, cache_file)
+                size = megabytes(cache_file.stat().st_size)
+                log.info("data: %s (cached arrays %s, %s)", root, shown(cache_file), size)
                 return (
                     _arrays(z["train_images"], z["train_labels"]),
                     _arrays(z["test_images"], z["test_labels"]),
@@ -225,8 +220,12 @@ def load_folder(root: str, image_size: int = 32, cache: bool = True) -> tuple[Im
             with atomic_path(cache_file, suffix=".npz") as tmp:
                 np.savez(tmp, train_images=train_images, train_labels=train_labels,
                          test_images=test_images, test_labels=test_labels)
+                written = tmp.stat().st_size
         except OSError as e:
-            log.warning("data: could not write cache %s (%s)", cache_file, e)
+            log.warning("data: could not write cache %s (%s)", shown(cache_file), e)
+        else:
+            log.info("data: cached as %s, %s; `cifar-cam cache` lists, `cifar-cam cache --clear` removes",
+                     shown(cache_file), megabytes(written))
     return _arrays(train_images, train_labels), _arrays(test_images, test_labels), classes
 
 
