@@ -76,7 +76,7 @@ def _listing(folder: Path) -> dict[str, int]:
 
 
 COMPLETIONS = [
-    ("cifar-cam ", ["eval ", "gradcam ", "lr-find ", "report ", "train "]),
+    ("cifar-cam ", ["cache ", "eval ", "gradcam ", "lr-find ", "report ", "train "]),
     ("cifar-cam train optim", ["optimizer.", "optimizer="]),
     ("cifar-cam train optimizer=", ["optimizer=adam", "optimizer=adamw", "optimizer=muon", "optimizer=sgd"]),
     ("cifar-cam train seed=1 ckpt=outputs/tr", ["ckpt=outputs/train/"]),
@@ -116,3 +116,14 @@ def _shell(shell: str, script: str, line: str, cwd: Path) -> subprocess.Complete
 def test_hydra_install_flag_gives_the_working_script() -> None:
     result = subprocess.run([*CLI, "train", "-sc", "install=zsh"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "bashcompinit" in result.stdout and "cifar-cam --complete" in result.stdout
+
+
+def test_cache_command_through_the_cli(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "folder-0123456789abcdef-32.npz").write_bytes(b"x" * 2_000_000)
+    env = {**os.environ, "CIFAR_CAM_CACHE": str(cache)}
+    listed = subprocess.run([*CLI, "cache"], capture_output=True, text=True, env=env, timeout=60)
+    assert listed.returncode == 0 and "folder-0123456789abcdef-32.npz" in listed.stdout and "2.0 MB" in listed.stdout
+    cleared = subprocess.run([*CLI, "cache", "--clear"], capture_output=True, text=True, env=env, timeout=60)
+    assert cleared.returncode == 0 and "removed" in cleared.stdout and not any(cache.iterdir())

@@ -7,7 +7,9 @@ import csv
 import json
 import logging
 import math
+import shlex
 from pathlib import Path
+from unittest import mock
 
 import cv2
 import matplotlib
@@ -17,8 +19,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from hydra.core.global_hydra import GlobalHydra
 from torch_lr_finder import LRFinder
 
+import cifar_cam.tasks.lr_find as lr_find_module
 from cifar_cam.augment import build_train_batches
 from cifar_cam.checkpoint import load_checkpoint
 from cifar_cam.data import build_splits
@@ -101,7 +105,8 @@ def test_lr_find_writes_plot_json_and_command(tmp_path: Path, caplog: pytest.Log
     image = cv2.imread(str(tmp_path / "lr_find.png"))
     assert image is not None and image.shape[0] > 300 and image.shape[1] > 500
     lines = [r.getMessage() for r in caplog.records if "to train with it:" in r.getMessage()]
-    assert len(lines) == 1 and lines[0].endswith(f"optimizer=adam optimizer.lr={suggested:.3g}")
+    assert len(lines) == 1 and lines[0].endswith(f"optimizer.lr={suggested:.3g}")
+    assert "optimizer=adam" in shlex.split(lines[0])
 
 
 def test_early_divergence_still_writes_plot_and_json(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -129,13 +134,71 @@ def test_nan_loss_stops_the_test_and_stays_out_of_the_json(tmp_path: Path) -> No
     assert all(math.isfinite(v) for v in result["loss"])
 
 
-def test_start_from_a_checkpoint(trained_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    # model.width=64 by default: the architecture (width 8) must come from the checkpoint
+def test_a_checkpoint_gives_its_recipe_on_fresh_weights(trained_run: Path, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    # model.width=64 by default: the architecture (width 8) must come from the checkpoint, the weights must not
+    torch.manual_seed(0)
+    fresh = build_model("resnet18", num_classes=10, width=8)
     cfg = compose_cfg("lr-find", [f"ckpt={trained_run}", "lr_find.num_iter=6"], run_dir=tmp_path)
-    with caplog.at_level(logging.INFO, logger="cifar_cam"):
+    built = {}
+    real_build = lr_find_module.build_model
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        built["model"] = real_build(*args, **kwargs)
+        return built["model"]
+
+    with caplog.at_level(logging.INFO, logger="cifar_cam"), mock.patch.object(lr_find_module, "build_model", spy):
         lr_find(cfg)
     assert json.loads((tmp_path / "lr_find.json").read_text())["steps"] == 6
-    assert any("starting from the weights of" in r.getMessage() for r in caplog.records)
+    assert any("with fresh weights" in r.getMessage() for r in caplog.records)
+    trained = load_checkpoint(trained_run / "checkpoints" / "best.pt")["model"]
+    tested = built["model"].state_dict()
+    assert tested["fc.weight"].shape == trained["fc.weight"].shape == fresh.state_dict()["fc.weight"].shape
+    # the range test restores the weights it began with: those of a fresh model (seed 42), not the trained ones
+    assert not torch.equal(tested["conv1.weight"], trained["conv1.weight"])
+    torch.manual_seed(42)
+    assert torch.equal(tested["conv1.weight"], build_model("resnet18", num_classes=10, width=8).conv1.weight)
+
+
+def test_printed_command_from_a_checkpoint_trains_what_was_measured(trained_run: Path, tmp_path: Path) -> None:
+    """lr-find ckpt=RUN prints a train command that runs as printed, with the run's data, model and recipe."""
+    from cifar_cam.cli import main
+
+    main(["lr-find", f"ckpt={trained_run}", "lr_find.num_iter=18", "lr_find.end_lr=1", "optimizer=adam",
+          f"hydra.run.dir={tmp_path / 'lrf'}"])
+    log_text = (tmp_path / "lrf" / "lr-find.log").read_text()  # Hydra's logging replaced caplog's handler
+    line = next(x for x in log_text.splitlines() if "to train with it:" in x)
+    command = shlex.split(line.split("to train with it: ", 1)[1])
+    assert command[:2] == ["cifar-cam", "train"] and "ckpt" not in line and "lr_find" not in line
+    assert {"data=synthetic", "model.width=8", "data.train_size=128", "data.val_size=32", "optimizer=adam",
+            "trainer.epochs=2"} <= set(command)
+    # run as printed (one epoch of it, to keep the test short): it composes, validates and trains
+    GlobalHydra.instance().clear()
+    main([*command[1:], "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'train'}"])
+    config = load_checkpoint(tmp_path / "train" / "checkpoints" / "last.pt")["config"]
+    stored = load_checkpoint(trained_run / "checkpoints" / "last.pt")["config"]
+    for section in ("data", "model", "aug"):
+        assert config[section] == stored[section], section
+    assert config["optimizer"]["_target_"] == "torch.optim.Adam"
+    assert config["optimizer"]["lr"] == float(line.rsplit("optimizer.lr=", 1)[1])
+
+
+def test_train_command_from_a_preset_quotes_what_hydra_would_split() -> None:
+    cfg = compose_cfg("lr-find", ["experiment=cpu_quick", "data=folder", "data.root='/my data, v2/x.tar.gz'",
+                                  "model.width=24", "lr_find.num_iter=50", "optimizer.lr=1",
+                                  "trainer.progressive_resize=[16,24]"])
+    command = train_command(cfg, 0.0123456, {"experiment": "cpu_quick", "data": "folder", "optimizer": "muon",
+                                             "aug": "crop_flip", "scheduler": "onecycle", "model": "resnet18"})
+    words = shlex.split(command)
+    assert words[:2] == ["cifar-cam", "train"] and words[-1] == "optimizer.lr=0.0123"
+    # the preset and the choice it does not imply; not the groups the preset itself sets
+    assert "experiment=cpu_quick" in words and "data=folder" in words and "optimizer=muon" not in words
+    assert "data.root='/my data, v2/x.tar.gz'" in words and "model.width=24" in words
+    assert "trainer.progressive_resize=[16,24]" in words and not any("lr_find" in w for w in words)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(words[2:])}
+    assert parsed["data.root"] == "/my data, v2/x.tar.gz" and parsed["trainer.progressive_resize"] == [16, 24]
 
 
 def test_on_device_augmentation_backend(tmp_path: Path) -> None:
@@ -144,12 +207,6 @@ def test_on_device_augmentation_backend(tmp_path: Path) -> None:
     result = json.loads((tmp_path / "lr_find.json").read_text())
     assert result["steps"] == 8 and result["suggested_lr"] is None  # 8 points: too few to suggest
     assert "lr_find.num_iter=8 gives only 8 points" in result["note"]
-
-
-def test_train_command_keeps_the_overrides_that_shape_training() -> None:
-    command = train_command(0.0123456, ["data=folder", "data.root=/my data", "lr_find.num_iter=50",
-                                        "optimizer.lr=1", "hydra.run.dir=x", "ckpt=run", "model.width=16"])
-    assert command == "cifar-cam train data=folder 'data.root=/my data' model.width=16 optimizer.lr=0.0123"
 
 
 def test_train_with_lr_auto(tmp_path: Path) -> None:
@@ -193,4 +250,5 @@ def test_lr_find_sweeps_muon_and_names_it(tmp_path: Path, caplog: pytest.LogCapt
     assert result["optimizer"] == "Muon" and len(result["lr"]) == 18
     assert all(math.isfinite(v) for v in result["loss"][:5])
     lines = [r.getMessage() for r in caplog.records if "to train with it:" in r.getMessage()]
-    assert len(lines) == 1 and lines[0].endswith(f"optimizer=muon optimizer.lr={suggested:.3g}")
+    assert len(lines) == 1 and lines[0].endswith(f"optimizer.lr={suggested:.3g}")
+    assert "optimizer=muon" in shlex.split(lines[0])

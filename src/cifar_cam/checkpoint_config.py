@@ -68,9 +68,14 @@ def cached_checkpoint(ckpt: str | Path, prefer: str) -> dict[str, Any]:
     return _CACHE[key][1]
 
 
+# lr-find ckpt=RUN: a range test of the run's recipe (fresh weights), so everything that shapes its training
+RECIPE_SECTIONS = ("seed", "data", "model", "aug", "optimizer", "scheduler", "trainer", "eval")
+
+
 def sections_for(command: str) -> tuple[str, ...] | None:
-    """The config sections a command takes from the checkpoint: all of them to resume, the model's otherwise."""
-    return None if command == "train" else MODEL_SECTIONS
+    """The config sections a command takes from the checkpoint: all of them to resume, the recipe's for
+    lr-find, the model's otherwise."""
+    return None if command == "train" else RECIPE_SECTIONS if command == "lr-find" else MODEL_SECTIONS
 
 
 def load_with_config(cfg: DictConfig, command: str, overrides: list[str], choices: dict[str, str] | None = None

@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("eval", "cifar_cam.tasks.eval:eval_", "evaluate ckpt=PATH: accuracy, per class, confusion matrix"),
     "gradcam": ("gradcam", "cifar_cam.tasks.gradcam:gradcam", "Grad-CAM heatmaps of misclassified test images"),
 }
+# Commands that are not Hydra apps (their arguments are paths and flags, not overrides)
+UTILITIES = ("report", "cache")
 # `report` is not a Hydra app: its arguments are run dirs, not overrides (see report_main).
 REPORT_HELP = "one table / CSV / plot over sweep jobs or run dirs: report DIR..."
 # Hydra flags that take a value (the value is not an override).
@@ -197,7 +199,8 @@ def with_checkpoint_config(command: str, cfg: Any, overrides: list[str]) -> Any:
     from cifar_cam.checkpoint_config import load_with_config
 
     payload, merged = load_with_config(cfg, command, overrides)
-    if payload is not None and command != "train":  # train's resume check builds the model itself
+    if payload is not None and command not in ("train", "lr-find"):  # train's resume check builds the model
+        # itself; lr-find starts from fresh weights
         from cifar_cam.checkpoint import model_from_checkpoint
 
         model_from_checkpoint(payload)  # weights that do not fit: one line now, not after the data loads
@@ -213,14 +216,16 @@ def inherit_choices(command: str, overrides: list[str]) -> list[str]:
     ckpt = next((o.split("=", 1)[1] for o in overrides if o.startswith("ckpt=")), None)
     if command not in ("eval", "gradcam", "train", "lr-find") or not ckpt:
         return overrides
-    from cifar_cam.checkpoint_config import cached_checkpoint
-    from cifar_cam.config import MODEL_SECTIONS
+    from cifar_cam.checkpoint_config import cached_checkpoint, sections_for
 
     try:
         payload = cached_checkpoint(ckpt, "last" if command == "train" else "best")
     except CifarCamError as e:
         fail(command, str(e), e.exit_code)
-    groups = set(payload.get("choices", {})) if command == "train" else set(MODEL_SECTIONS)
+    sections = sections_for(command)
+    groups = set(payload.get("choices", {})) if sections is None else {*sections, "experiment"} - {"eval"}
+    if command not in ("train", "lr-find"):
+        groups.discard("experiment")
     named = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
     inherited = [f"{g}={c}" for g, c in payload.get("choices", {}).items() if g in groups and g not in named]
     return inherited + overrides
@@ -339,7 +344,7 @@ def complete(line: str) -> list[str]:
     words = line.split() + ([""] if not line or line[-1].isspace() else [])  # words[-1]: the word being completed
     if len(words) <= 2:
         prefix = words[-1] if len(words) == 2 else ""
-        return [f"{c} " for c in [*COMMANDS, "report"] if c.startswith(prefix)]  # a command is a whole word
+        return [f"{c} " for c in [*COMMANDS, *UTILITIES] if c.startswith(prefix)]  # a command is a whole word
     command, word = words[1], words[-1]
     if command == "report":  # its arguments are run and sweep dirs
         return [f"{o} " for o in ("--out", "--help") if o.startswith(word)] if word.startswith("-") else _paths(word)
@@ -466,6 +471,9 @@ def _main(argv: list[str] | None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     listing = "\n".join(f"  {name:<9} {text}" for name, (_, _, text) in COMMANDS.items())
     listing += f"\n  {'report':<9} {REPORT_HELP}"
+    from cifar_cam.cache import CACHE_HELP
+
+    listing += f"\n  {'cache':<9} {CACHE_HELP}"
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE.format(commands=listing, conf=config_dir()))
         sys.exit(0 if args else 2)
@@ -479,10 +487,14 @@ def _main(argv: list[str] | None) -> None:
     if command == "report":
         report_main(rest)
         return
+    if command == "cache":  # like report, not a Hydra app: it lists or clears files, it runs nothing
+        from cifar_cam.cache import cache_main
+
+        sys.exit(cache_main(rest))
     if command not in COMMANDS:
-        close = difflib.get_close_matches(command, [*COMMANDS, "report"], n=1)
+        close = difflib.get_close_matches(command, [*COMMANDS, *UTILITIES], n=1)
         fail(None, f"unknown command '{command}'" + (f" (did you mean {close[0]}?)" if close else "")
-             + f"; commands: {', '.join([*COMMANDS, 'report'])}")
+             + f"; commands: {', '.join([*COMMANDS, *UTILITIES])}")
     config_name, target, _ = COMMANDS[command]
 
     overrides, flag_args = split_args(rest)

@@ -3,6 +3,9 @@
 The test trains for `lr_find.num_iter` steps while the LR grows exponentially from
 `lr_find.start_lr` to `lr_find.end_lr`, with the configured model, optimizer, augmentation and
 data, and records the (smoothed) loss. Afterwards the model and optimizer are exactly as before.
+With `ckpt=RUN` it measures that run's recipe (model, data, augmentation, optimizer, trainer; the
+command line on top) on fresh weights: a range test of trained weights says nothing about training.
+The printed train command is derived from the config the test ran with (recipe.overrides_for).
 `cifar-cam train optimizer.lr=auto` runs the same test in its run dir and trains with the result.
 """
 
@@ -11,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shlex
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,18 +32,17 @@ from torch_lr_finder import LRFinder, TrainDataLoaderIter
 
 from cifar_cam import viz
 from cifar_cam.augment import TrainBatches, build_train_batches
-from cifar_cam.checkpoint import model_from_checkpoint
 from cifar_cam.config import validate
 from cifar_cam.data import resolve_num_workers
 from cifar_cam.engine import resolve_precision
 from cifar_cam.errors import DivergenceError
 from cifar_cam.logs import Bars
 from cifar_cam.models import build_model
+from cifar_cam.recipe import command_line, overrides_for
 from cifar_cam.supervise import Supervisor, TrainingInterrupted
 from cifar_cam.tasks.common import (
-    check_classes,
     checkpoint_and_config,
-    cli_overrides,
+    group_choices,
     load_data,
     memory_format_for,
     run_dir,
@@ -168,14 +169,16 @@ def run_range_test(model: nn.Module, optimizer: torch.optim.Optimizer, criterion
                      suggested_lr=steepest_gradient_lr(lrs, losses), seconds=time.perf_counter() - started)
 
 
-def train_command(lr: float, overrides: Sequence[str]) -> str:
-    """`cifar-cam train ... optimizer.lr=LR`, keeping this run's overrides that also shape training."""
-    def key(o: str) -> str:
-        return o.split("=", 1)[0].lstrip("+~")
+# Keys of the range test's config that a train command does not take from it
+NOT_FOR_TRAINING = ("command", "ckpt", "lr_find", "gradcam", "optimizer.lr")
 
-    dropped = ("lr_find.", "hydra.", "optimizer.lr")
-    keep = [o for o in overrides if not key(o).startswith(dropped) and key(o) != "ckpt"]
-    return " ".join(["cifar-cam train", *map(shlex.quote, keep), f"optimizer.lr={lr:.3g}"])
+
+def train_command(cfg: DictConfig, lr: float, choices: dict[str, str]) -> str:
+    """`cifar-cam train ... optimizer.lr=LR` that trains what this range test measured: its model, data,
+    augmentation, optimizer and trainer settings (from the command line, a preset or ckpt=), as given by
+    `cfg` and its group `choices`."""
+    overrides = overrides_for(cfg, "train", choices, skip=NOT_FOR_TRAINING)
+    return command_line("train", [*overrides, f"optimizer.lr={lr:.3g}"])
 
 
 def range_test_to_files(cfg: DictConfig, model: nn.Module, batches: TrainBatches, criterion: nn.Module,
@@ -229,7 +232,8 @@ def range_test_to_files(cfg: DictConfig, model: nn.Module, batches: TrainBatches
         "lr": result.lrs, "loss": result.losses,
     })
     title = (f"LR range test: {cfg.model.name} width {cfg.model.width}, {type(optimizer).__name__}, "
-             f"batch {cfg.data.batch_size}, {result.steps} steps")
+             f"batch {cfg.data.batch_size}, {result.steps} steps"
+             + (f"\nfresh weights, the recipe of {cfg.ckpt}" if cfg.get("ckpt") else ""))
     viz.plot_lr_find(result.lrs, result.losses, out / "lr_find.png", suggested_lr=result.suggested_lr,
                      skip_start=SKIP_START, skip_end=SKIP_END, title=title, note=note)
 
@@ -246,19 +250,15 @@ def range_test_to_files(cfg: DictConfig, model: nn.Module, batches: TrainBatches
 
 
 def _build(cfg: DictConfig) -> tuple[nn.Module, TrainBatches, nn.Module, torch.device, DictConfig]:
-    payload = None
-    if cfg.get("ckpt"):
+    if cfg.get("ckpt"):  # the run's recipe; an LR range test starts from fresh weights
         payload, cfg = checkpoint_and_config(cfg, "lr-find")
+        log.info("the model, data and training settings of %s, with fresh weights (a range test starts from "
+                 "scratch; its trained weights are not used)", payload["path"])
     else:
         validate(cfg, "lr-find")
     device = setup_runtime(cfg)
     splits = load_data(cfg)
-    if payload is not None:
-        check_classes(payload, splits)
-        model = model_from_checkpoint(payload)
-        log.info("starting from the weights of %s (epoch %d)", payload["path"], payload["epoch"])
-    else:
-        model = build_model(cfg.model.name, num_classes=splits.num_classes, width=cfg.model.width)
+    model = build_model(cfg.model.name, num_classes=splits.num_classes, width=cfg.model.width)
     model.to(device, memory_format=memory_format_for(model, device, cfg.trainer.channels_last))
     batches = build_train_batches(splits.train, cfg.aug, batch_size=cfg.data.batch_size,
                                   num_workers=resolve_num_workers(cfg.data.num_workers), seed=cfg.seed, device=device)
@@ -277,7 +277,7 @@ def lr_find(cfg: DictConfig) -> float:
         result = range_test_to_files(cfg, model, batches, criterion, device, out, sup)
         sup.armed = False
     if result.suggested_lr is not None:
-        log.info("to train with it: %s", train_command(result.suggested_lr, cli_overrides()))
+        log.info("to train with it: %s", train_command(cfg, result.suggested_lr, group_choices()))
     log.info("wrote %s", out)
     return float("nan") if result.suggested_lr is None else result.suggested_lr
 

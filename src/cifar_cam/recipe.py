@@ -1,0 +1,105 @@
+"""A config as a command line: the overrides under which `cifar-cam <command>` composes it again.
+
+`lr-find` prints the train command that trains what it measured; the config it ran with may come
+from a checkpoint (`ckpt=`) and a preset, so the command is derived from the config itself, not
+from what was typed: the group choices that differ from the command's defaults, then every key
+whose value differs from what those choices compose to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shlex
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cifar_cam.io import config_dir
+
+# What Hydra's override grammar reads as an unquoted string (no , [ ] { } ( ) = ' " or space)
+_PLAIN = re.compile(r"[A-Za-z_/.\-+:@%~][A-Za-z0-9_/.\-+:@%~]*")
+PRESET_GROUP = "experiment"
+_OTHER_TYPES = re.compile(r"(?i)(true|false|null|nan|[+-]?inf|[+-]?(\d[\d_]*\.?\d*|\.\d+)(e[+-]?\d+)?)")
+
+
+def hydra_value(value: Any) -> str:
+    """`value` in Hydra's override grammar: null, true, 0.05, [16,24], {a:1}, or a string (quoted where needed)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    if _PLAIN.fullmatch(text) and not _OTHER_TYPES.fullmatch(text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@contextlib.contextmanager
+def _hydra() -> Iterator[None]:
+    """Hydra's compose API: the running app's (inside a command), or one initialized on the package's configs."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        yield
+        return
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        yield
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf; a list is one leaf."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [(f"{prefix}{k}", v)]
+    else:
+        yield prefix.rstrip("."), node
+
+
+def _skipped(key: str, skip: Iterable[str]) -> bool:
+    return any(key == s or key.startswith(s + ".") for s in skip)
+
+
+def overrides_for(cfg: DictConfig | dict[str, Any], command: str, choices: dict[str, str],
+                  skip: Iterable[str] = ()) -> list[str]:
+    """The overrides under which `cifar-cam <command>` composes `cfg` (keys under `skip` left out).
+
+    `choices` are the config-group choices `cfg` was composed with (data=folder, experiment=cpu_quick);
+    those the command does not have, or has by default, are left out. Keys the command lacks are left out.
+    """
+    from hydra import compose
+
+    config_name = command.replace("-", "_")  # conf/<command>.yaml: train, lr_find, eval, gradcam
+    def composed(overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+        return cfg, {g: str(c) for g, c in cfg.hydra.runtime.choices.items() if not g.startswith("hydra")}
+
+    with _hydra():
+        base, have_choices = composed([])
+        picked: list[str] = []
+        # a preset first: the choices it makes itself (experiment=cpu_quick -> optimizer=muon) need not be typed
+        for group in sorted(choices, key=lambda g: g != PRESET_GROUP):
+            choice = str(choices[group])
+            if group in have_choices and choices[group] is not None and choice != have_choices[group]:
+                picked.append(f"{group}={choice}")
+                if group == PRESET_GROUP:
+                    base, have_choices = composed(picked)
+        base = compose(config_name, overrides=picked)
+    wanted = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    have = dict(_leaves(OmegaConf.to_container(base, resolve=True)))
+    changed = [f"{key}={hydra_value(value)}" for key, value in _leaves(wanted)
+               if key in have and not _skipped(key, skip) and value != have[key]]
+    return picked + changed
+
+
+def command_line(command: str, overrides: Iterable[str]) -> str:
+    """`cifar-cam <command> ...` as a shell would take it."""
+    return " ".join(["cifar-cam", command, *map(shlex.quote, overrides)])
