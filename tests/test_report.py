@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import statistics
 from pathlib import Path
 
 import pytest
 import yaml
+from rich.console import Console
 
 from cifar_cam.errors import ConfigError
 from cifar_cam.tasks.report import find_jobs, mean_std, report, why_unfinished
@@ -126,6 +128,34 @@ def test_report_of_several_run_dirs_goes_to_outputs_report(tmp_path: Path, capsy
     rows = read_csv(out / "report.csv")
     assert rows[3]["status"] == "unfinished" and "epoch 1/50" in rows[3]["reason"]
     assert f"wrote {out / 'report.csv'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_report_tables_fit_the_width_and_show_every_override_whole(tmp_path: Path, width: int) -> None:
+    # piped stdout: rich gives the shared console (soft_wrap=True) 80 columns; configs used to end in "optimiz…"
+    shared = ["trainer.epochs=30", "data.batch_size=256", "scheduler=onecycle", "trainer.precision=bf16-mixed"]
+    first = ["optimizer.lr=0.05", "aug=none", "trainer.label_smoothing=0.1"]
+    second = ["optimizer.lr=0.1", "aug=crop_flip", "trainer.label_smoothing=0.2"]
+    runs = tmp_path / "runs"
+    jobs = [fake_run(runs / "a", shared + first, 1, summary(0.80, 0.79)),
+            fake_run(runs / "b", [*shared, *first, "seed=2"], 2, summary(0.84, 0.83)),
+            fake_run(runs / "c", shared + second, 1, summary(0.90, 0.88)),
+            fake_run(runs / "d", [*shared, *second, "seed=3"], 3, None,
+                     "[10:00:00][ERROR] FileExistsError: [Errno 17] File exists: 'multirun/x/3/checkpoints'\n")]
+    screen = Console(width=width, file=io.StringIO(), soft_wrap=True, highlight=False)
+    report(jobs, out=tmp_path / "report", screen=screen)
+    text = screen.file.getvalue()  # type: ignore[attr-defined]
+    assert "…" not in text
+    assert all(len(line) <= width for line in text.splitlines() if not line.startswith("wrote "))
+    words = text.split()
+    for token in shared + first + second:  # each override whole on one line, wherever the lines break
+        assert token in words, (token, text)
+    for number in ("82.00%", "2.83", "90.00%", "88.00%", "-8.00", "+0.00", "10.0", "FileExistsError:"):
+        assert number in words, (number, text)
+    assert "1 of 4 jobs have no results" in text
+    if width == 200:  # room for everything: one table, each config on one line beside its numbers
+        assert "aug=none optimizer.lr=0.05 trainer.label_smoothing=0.1" in text
+        assert "82.00% ± 2.83" in text and "1: 80.00% / 79.00%, 2: 84.00% / 83.00%" in text
 
 
 def test_why_unfinished_reads_the_last_error(tmp_path: Path) -> None:

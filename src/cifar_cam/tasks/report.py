@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.cells import cell_len
+from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from cifar_cam.errors import ConfigError
 from cifar_cam.io import reserve_dir, write_csv
@@ -234,44 +237,139 @@ def short_label(label: str) -> str:
 
 
 def _pct(mean: float | None, std: float | None = None) -> str:
+    return " ".join(_pct_units(mean, std))
+
+
+def _pct_units(mean: float | None, std: float | None = None) -> list[str]:
+    """'82.00%', '± 2.83': a narrow column breaks the line between them, never inside a number."""
     if mean is None:
-        return "-"
-    return f"{100 * mean:.2f}%" + ("" if std is None else f" ± {100 * std:.2f}")
+        return ["-"]
+    return [f"{100 * mean:.2f}%"] + ([] if std is None else [f"± {100 * std:.2f}"])
 
 
-def print_tables(groups: list[Group], jobs: list[Job], common: list[str], title: str) -> None:
-    """The ranked groups, then every job that did not finish, on the terminal."""
+@dataclass
+class _Column:
+    """A column of a screen table. Each cell is a list of units, joined by spaces; a line breaks only between units.
+
+    `kind`: 'words' never breaks a unit (overrides, numbers); 'fold' may fold a unit longer than `floor`
+    (paths, error messages) across lines. Columns grow from their minimum toward one line a cell in order of
+    `priority` (lowest first).
+    """
+
+    header: str
+    cells: list[list[str]]
+    justify: str = "left"
+    kind: str = "words"
+    floor: int = 12
+    priority: int = 1
+
+    def minimum(self) -> int:
+        unit = max((cell_len(u) for cell in self.cells for u in cell), default=1)
+        if self.kind == "fold":
+            unit = min(unit, self.floor)
+        return max(unit, *(cell_len(w) for w in self.header.split()))
+
+    def maximum(self) -> int:
+        return max(self.minimum(), *(cell_len(" ".join(cell)) for cell in self.cells))
+
+
+def _pack(units: list[str], width: int) -> str:
+    """The units on as few lines of at most `width` cells as go; a unit wider than that alone on its line."""
+    lines: list[str] = []
+    for unit in units:
+        if lines and cell_len(f"{lines[-1]} {unit}") <= width:
+            lines[-1] += f" {unit}"
+        else:
+            lines.append(unit)
+    return "\n".join(lines)
+
+
+def _fit_table(columns: list[_Column], width: int, shrink: bool = False, **table_args: Any) -> Table | None:
+    """A table at most `width` wide whose cells break only between units; None if the columns' minimums do not fit.
+
+    With `shrink`, columns too wide for `width` are narrowed instead (units folded there), never cut off.
+    """
+    room = width - (3 * len(columns) + 1)  # the borders and a space each side of every cell
+    widths = [c.minimum() for c in columns]
+    most = [c.maximum() for c in columns]
+    if sum(widths) > room:
+        if not shrink:
+            return None
+        while sum(widths) > room and max(widths) > 1:
+            widths[widths.index(max(widths))] -= 1
+    spare = room - sum(widths)
+    for level in sorted({c.priority for c in columns}):  # one more cell to each column of the level in turn
+        while spare > 0 and (short := [i for i, c in enumerate(columns)
+                                       if c.priority == level and widths[i] < most[i]]):
+            for i in short[:spare]:
+                widths[i] += 1
+            spare -= len(short[:spare])
+    table = Table(**table_args)
+    for column, w in zip(columns, widths, strict=True):
+        table.add_column(Text(column.header), justify=column.justify, width=w,  # type: ignore[arg-type]
+                         overflow="fold")
+    for row in zip(*(c.cells for c in columns), strict=True):
+        table.add_row(*(Text(_pack(cell, w)) for cell, w in zip(row, widths, strict=True)))
+    return table
+
+
+def print_tables(groups: list[Group], jobs: list[Job], common: list[str], title: str,
+                 screen: Console | None = None) -> None:
+    """The ranked groups, then every job that did not finish, on the terminal (or on `screen`).
+
+    The tables fit the screen's width (80 columns when stdout is piped) without cutting anything: numbers and
+    overrides are never broken across lines. Where the configs do not fit beside the numbers, the table
+    lists them under it, one row a config, by #.
+    """
+    screen = screen or console()
     best_val, _ = mean_std(groups[0].values("best_val_acc")) if groups else (None, None)
     commits = sorted({short_commit(j.path) for j in jobs} - {""})
     caption = "; ".join(filter(None, [("shared overrides: " + " ".join(common)) if common else "",
                                       ("commit: " + ", ".join(commits)) if commits else ""]))
-    table = Table(title=title, caption=caption or None)
-    for name, justify in (("#", "right"), ("config (seed aside)", "left"), ("n", "right"),
-                          ("val acc (mean ± std)", "right"), ("Δ val vs best", "right"),
-                          ("test acc (mean ± std)", "right"), ("seeds: val / test", "left"),
-                          ("train s", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    ranks, configs, counts, vals, deltas, tests, seeds, seconds = ([] for _ in range(8))
+    rank_of: dict[str, str] = {}
     for rank, g in enumerate(groups, 1):
         val_mean, val_std = mean_std(g.values("best_val_acc"))
         test_mean, test_std = mean_std(g.values("test_acc"))
-        seconds, _ = mean_std(g.values("train_seconds"))
-        delta = "-" if val_mean is None or best_val is None else f"{100 * (val_mean - best_val):+.2f} pp"
-        seeds = ", ".join(
-            f"{j.seed}: {_pct(j.summary.get('best_val_acc'))} / {_pct(j.summary.get('test_acc'))}"
-            for j in g.done if j.summary)
+        train_s, _ = mean_std(g.values("train_seconds"))
         failed = len(g.jobs) - len(g.done)
-        table.add_row(str(rank), short_label(g.label), f"{len(g.done)}" + (f" (+{failed} failed)" if failed else ""),
-                      _pct(val_mean, val_std), delta, _pct(test_mean, test_std), seeds or "-",
-                      "-" if seconds is None else f"{seconds:.1f}")
-    console().print(table)
+        per_seed = [f"{j.seed}: {_pct(j.summary.get('best_val_acc'))} / {_pct(j.summary.get('test_acc'))}"
+                    for j in g.done if j.summary]
+        rank_of[g.label] = str(rank)
+        ranks.append([str(rank)])
+        configs.append(short_label(g.label).split())
+        counts.append([str(len(g.done))] + ([f"(+{failed} failed)"] if failed else []))
+        vals.append(_pct_units(val_mean, val_std))
+        deltas.append(["-" if val_mean is None or best_val is None else f"{100 * (val_mean - best_val):+.2f} pp"])
+        tests.append(_pct_units(test_mean, test_std))
+        seeds.append([s + "," for s in per_seed[:-1]] + per_seed[-1:] or ["-"])
+        seconds.append(["-" if train_s is None else f"{train_s:.1f}"])
+    rank = _Column("#", ranks, "right")
+    config = _Column("config (seed aside)", configs, priority=1)
+    numbers = [_Column("n", counts, "right", priority=0), _Column("val acc (mean ± std)", vals, "right", priority=0),
+               _Column("Δ val vs best", deltas, "right", priority=0),
+               _Column("test acc (mean ± std)", tests, "right", priority=0),
+               _Column("seeds: val / test", seeds, priority=2), _Column("train s", seconds, "right", priority=0)]
+    under = Text(caption, no_wrap=False, overflow="fold") if caption else None
+    table = _fit_table([rank, config, *numbers], screen.width, title=title, caption=under)
+    if table is not None:
+        screen.print(table)
+    else:  # too narrow for the configs beside the numbers: they go in a table of their own, by #
+        screen.print(_fit_table([rank, *numbers], screen.width, shrink=True, title=title))
+        screen.print(_fit_table([rank, config], screen.width, shrink=True, caption=under))
     unfinished = [j for j in jobs if j.status != "done"]
     if unfinished:
-        bad = Table(title=f"{len(unfinished)} of {len(jobs)} jobs have no results")
-        for name in ("job", "status", "config", "seed", "why"):
-            bad.add_column(name)
-        for j in unfinished:
-            bad.add_row(str(j.path), j.status, short_label(j.group), str(j.seed), j.reason)
-        console().print(bad)
+        first = [_Column("job", [[str(j.path)] for j in unfinished], kind="fold", floor=16),
+                 _Column("status", [j.status.split() for j in unfinished], priority=0)]
+        last = [_Column("seed", [[str(j.seed)] for j in unfinished], priority=0),
+                _Column("why", [j.reason.split() for j in unfinished], kind="fold")]
+        bad_title = f"{len(unfinished)} of {len(jobs)} jobs have no results"
+        bad = _fit_table([*first, _Column("config", [short_label(j.group).split() for j in unfinished]), *last],
+                         screen.width, title=bad_title)
+        if bad is None:  # the config by its # in the table above
+            bad = _fit_table([*first, _Column("#", [[rank_of.get(j.group, "-")] for j in unfinished], "right"),
+                              *last], screen.width, shrink=True, title=bad_title)
+        screen.print(bad)
 
 
 def is_sweep_dir(path: Path) -> bool:
@@ -287,9 +385,14 @@ def default_out_dir(paths: Sequence[str | Path]) -> Path:
     return reserve_dir(Path("outputs") / "report")
 
 
-def report(paths: Sequence[str | Path], out: str | Path | None = None) -> Path:
-    """Collects the jobs below `paths` into report.csv, report_groups.csv and report.png; returns the folder."""
+def report(paths: Sequence[str | Path], out: str | Path | None = None, screen: Console | None = None) -> Path:
+    """Collects the jobs below `paths` into report.csv, report_groups.csv and report.png; returns the folder.
+
+    The tables go to `screen` (the shared console by default).
+    """
     from cifar_cam import viz
+
+    screen = screen or console()
 
     job_dirs = find_jobs(paths)
     jobs = [job for job in (read_job(d) for d in job_dirs) if job is not None]
@@ -314,11 +417,11 @@ def report(paths: Sequence[str | Path], out: str | Path | None = None) -> Path:
         failed=[len(g.jobs) - len(g.done) for g in groups],
         title=title + (f"; {len(jobs) - done} without results (see report.csv)" if done < len(jobs) else ""),
     )
-    print_tables(groups, jobs, common, title)
+    print_tables(groups, jobs, common, title, screen)
     optuna = _optuna_best(paths)
     if optuna:
-        console().print(optuna)
-    console().print(f"wrote {out_dir / 'report.csv'}, {out_dir / 'report_groups.csv'}, {out_dir / 'report.png'}")
+        screen.print(optuna)
+    screen.print(f"wrote {out_dir / 'report.csv'}, {out_dir / 'report_groups.csv'}, {out_dir / 'report.png'}")
     return out_dir
 
 
