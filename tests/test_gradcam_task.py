@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -38,6 +39,15 @@ def _check_grid(path: Path, n: int, num_layers: int) -> None:
             assert drawn == (i < n), f"panel {i} tile {k}: drawn={drawn}, expected {i < n}"
 
 
+def _floats(value: object) -> Iterator[float]:
+    """Every float in a parsed JSON value."""
+    if isinstance(value, float):
+        yield value
+    elif isinstance(value, dict | list):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from _floats(item)
+
+
 def _check_run(out: Path, layers: list[str]) -> dict:
     result = json.loads((out / "gradcam.json").read_text())
     entries = result["images"]
@@ -51,7 +61,10 @@ def _check_run(out: Path, layers: list[str]) -> dict:
         assert image.shape == (SINGLE_CAM_SIZE[1], SINGLE_CAM_SIZE[0], 3) and image.shape[1] >= 3 * SINGLE_CAM_PX
     activations = _png(out / "activations.png")
     assert activations.shape[0] >= min(5, n) * 100 and activations.shape[1] >= 5 * 100  # image + layer1..4 columns
+    floats = list(_floats(result))
+    assert floats and all(round(x, 4) == x for x in floats), floats  # for people: no 0.27259999999999995
     for entry in entries:
+        assert "index" not in entry and 0 <= entry["test_row"] < result["test_images"]  # one row number, not two
         assert entry["true"] != entry["pred"] and entry["true_label"] != entry["pred_label"]
         assert 0 < entry["confidence"] <= 1 and entry["files"] == {k: f"gradcam/{entry['rank']:03d}_{k}.png"
                                                                    for k in layers}
@@ -70,12 +83,12 @@ def test_gradcam_writes_grid_files_and_json(trained_run: Path, tmp_path: Path) -
     confidences = [e["confidence"] for e in entries]
     assert confidences == sorted(confidences, reverse=True)  # gradcam.select=most_confident
     assert all(e["explained"] == e["pred"] for e in entries)  # the predicted class by default
-    # "index" is the image's index in the test set: its label there is the entry's true label
+    # "test_row" is the image's row in the test set: its label there is the entry's true label
     data = load_checkpoint(trained_run)["config"]["data"]
     splits = build_splits("synthetic", None, val_size=data["val_size"], subset=None, seed=42,
                           train_size=data["train_size"], test_size=200)
-    assert [int(splits.test.labels[e["index"]]) for e in entries] == [e["true_label"] for e in entries]
-    assert len({e["index"] for e in entries}) == 25
+    assert [int(splits.test.labels[e["test_row"]]) for e in entries] == [e["true_label"] for e in entries]
+    assert len({e["test_row"] for e in entries}) == 25
 
 
 def test_fewer_mistakes_than_asked_writes_what_exists(trained_run: Path, tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from cifar_cam.tasks.eval import misclassified
 log = logging.getLogger("cifar_cam.gradcam")
 
 ACTIVATION_IMAGES = 5  # rows of activations.png
+JSON_DECIMALS = 4  # gradcam.json is for people: confidences and the accuracy to 4 decimals (0.2726)
 SELECTED = {"most_confident": "most confident", "first": "first (in dataset order)", "random": "randomly chosen"}
 
 
@@ -44,12 +45,17 @@ def channel_mean_activations(model: torch.nn.Module, images: torch.Tensor, layer
         return {name: out.float().mean(dim=1).cpu().numpy() for name, out in hooks.checked_outputs().items()}
 
 
-def image_panels(out: Path, images: np.ndarray, maps: dict[str, np.ndarray], rows: list[int], index: np.ndarray,
+def image_panels(out: Path, images: np.ndarray, maps: dict[str, np.ndarray], index: np.ndarray,
                  labels: tuple[torch.Tensor, ...], classes: list[str], what: str) -> list[dict[str, Any]]:
-    """gradcam/NNN_<layer>.png per explained image and layer; the gradcam.json entry of each image."""
+    """gradcam/NNN_<layer>.png per explained image and layer; the gradcam.json entry of each image.
+
+    An entry's `test_row` is the image's row in the test set, the N of "test image N" in the titles (the test
+    split is never subsampled, so it is the row in the loaded arrays as well); `confidence`, the predicted
+    class's probability, is rounded to JSON_DECIMALS.
+    """
     true, pred, confidence, explained = labels
     entries = []
-    for rank, row in enumerate(rows):
+    for rank in range(len(index)):
         files = {}
         for name in maps:
             file = out / "gradcam" / f"{rank:03d}_{name}.png"
@@ -59,10 +65,10 @@ def image_panels(out: Path, images: np.ndarray, maps: dict[str, np.ndarray], row
                 f"({classes[int(explained[rank])]}) at {name}"))
             files[name] = str(file.relative_to(out))
         entries.append({
-            "rank": rank, "index": int(index[rank]), "true": classes[int(true[rank])], "true_label": int(true[rank]),
-            "pred": classes[int(pred[rank])], "pred_label": int(pred[rank]),
-            "confidence": round(float(confidence[rank]), 6), "explained": classes[int(explained[rank])],
-            "files": files, "test_row": row,
+            "rank": rank, "test_row": int(index[rank]), "true": classes[int(true[rank])],
+            "true_label": int(true[rank]), "pred": classes[int(pred[rank])], "pred_label": int(pred[rank]),
+            "confidence": round(float(confidence[rank]), JSON_DECIMALS),
+            "explained": classes[int(explained[rank])], "files": files,
         })
     return entries
 
@@ -96,7 +102,8 @@ def gradcam(cfg: DictConfig) -> float:
     summary: dict[str, Any] = {
         "checkpoint": payload["path"], "checkpoint_epoch": payload["epoch"], "method": g.method,
         "explains": "true class" if g.target else "predicted class", "target_layers": layers, "select": g.select,
-        "test_images": n_test, "misclassified": n_wrong, "test_accuracy": accuracy, "explained_images": len(rows),
+        "test_images": n_test, "misclassified": n_wrong,
+        "test_accuracy": round(accuracy, JSON_DECIMALS), "explained_images": len(rows),
         "seconds": {"test_pass": round(test_seconds, 3)}, "images": [],
     }
     if len(rows) == 0:
@@ -130,7 +137,7 @@ def gradcam(cfg: DictConfig) -> float:
         f"Grad-CAM ({g.method}) of {what} at {', '.join(layers)}: the {len(rows)} {SELECTED[g.select]} of "
         f"{n_wrong} mistakes on {n_test} test images (accuracy {percent(accuracy)})\n"
         f"each panel: the image, then its heatmap overlay per layer"))
-    entries = image_panels(out, images, maps, rows.tolist(), index, (true, pred, confidence, explained), classes,
+    entries = image_panels(out, images, maps, index, (true, pred, confidence, explained), classes,
                            f"Grad-CAM ({g.method}) of {what}")
     if activations:
         sizes = {name: f"{a.shape[1]}x{a.shape[2]}" for name, a in activations.items()}
