@@ -112,20 +112,6 @@ def _sweep_variants(overrides: list[str], limit: int = 100) -> list[list[str]]:
     return variants[:limit]
 
 
-def _all_keys(cfg: Any, prefix: str = "") -> list[str]:
-    from omegaconf import OmegaConf
-
-    keys = []
-    for k in cfg.keys() if OmegaConf.is_dict(cfg) else []:
-        full = f"{prefix}{k}"
-        keys.append(full)
-        try:
-            keys += _all_keys(cfg[k], full + ".")
-        except Exception:
-            pass
-    return keys
-
-
 def explain_hydra_error(e: Exception, config_name: str, overrides: list[str]) -> str:
     """Turns Hydra's multi-line composition errors into one actionable line."""
     import re
@@ -138,11 +124,17 @@ def explain_hydra_error(e: Exception, config_name: str, overrides: list[str]) ->
         try:
             from hydra import compose, initialize_config_dir
 
+            from cifar_cam.helptext import did_you_mean, known_keys
+
+            groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0] and o[0] not in "+~"]
             with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-                cfg = compose(config_name)
-            close = difflib.get_close_matches(key, _all_keys(cfg), n=3)
+                try:
+                    cfg = compose(config_name, overrides=groups)  # data=folder: the keys of folder
+                except Exception:
+                    cfg = compose(config_name)
+            close = did_you_mean(key, known_keys(cfg))
             hint = f"; did you mean {', '.join(close)}?" if close else ""
-        except Exception:
+        except Exception:  # a hint is a courtesy: the error line stands without it
             pass
         return f"unknown config key '{key}'{hint} (to add a new key on purpose: +{key}=...)"
     m = re.search(r"Could not find '([^']+)/([^']+)'", text)
@@ -156,8 +148,11 @@ def explain_hydra_error(e: Exception, config_name: str, overrides: list[str]) ->
     return f"bad override ({first})"
 
 
-def precheck(command: str, overrides: list[str]) -> Any:
-    """Composes the config as Hydra will and validates it; one line and exit 2 on any problem."""
+def precheck(command: str, overrides: list[str], machine: bool = True) -> Any:
+    """Composes the config as Hydra will and validates it; one line and exit 2 on any problem.
+
+    `machine`: also check what needs torch or the disk (the device, data.root); --cfg checks the config only.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -181,6 +176,8 @@ def precheck(command: str, overrides: list[str]) -> Any:
             cfg = with_checkpoint_config(command, cfg, single)  # validated as merged (checkpoint_config)
             first_cfg = cfg if first_cfg is None else first_cfg
             validate(cfg, command)  # torch is imported only past this line: bad keys are refused in ~1 s
+            if not machine:
+                continue
             from cifar_cam.data import check_root
             from cifar_cam.engine import resolve_device
 
@@ -191,6 +188,28 @@ def precheck(command: str, overrides: list[str]) -> Any:
         except CifarCamError as e:
             fail(command, str(e), e.exit_code)
     return first_cfg
+
+
+def print_help(command: str, overrides: list[str]) -> None:
+    """`cifar-cam <command> [overrides] --help`: the groups and keys in effect with those overrides, described."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import open_dict
+    from omegaconf.errors import OmegaConfBaseException
+
+    from cifar_cam.helptext import render
+
+    config_name, _, summary = COMMANDS[command]
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3", job_name=command):
+            cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        fail(command, explain_hydra_error(e, config_name, overrides))
+    choices = {g: str(c) for g, c in cfg.hydra.runtime.choices.items() if not g.startswith("hydra")}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    sys.stdout = PipeSafe(sys.stdout)
+    print(render(command, summary, cfg, choices))
 
 
 def with_checkpoint_config(command: str, cfg: Any, overrides: list[str]) -> Any:
@@ -506,10 +525,15 @@ def _main(argv: list[str] | None) -> None:
         else:
             print(completion_script("zsh" if "zsh" in value else "bash"), end="")
         return
+    if flags & {"--help", "-h"}:  # ours: every key this command uses, with its description (Hydra's: --hydra-help)
+        print_help(command, overrides)
+        return
     extra: list[str] = []
-    if not flags & INFO_FLAGS:
+    # --cfg prints the config a run would get: checked the same way (one line, exit 2), nothing reserved
+    if not flags & INFO_FLAGS or flags & {"--cfg", "-c"}:
         overrides = inherit_choices(command, overrides)  # ckpt= is read once for these checks and the task
-        cfg = precheck(command, overrides)
+        cfg = precheck(command, overrides, machine=not flags & INFO_FLAGS)
+    if not flags & INFO_FLAGS:
         multirun = bool(flags & {"-m", "--multirun"})
         world = join_ranks(command, cfg, multirun)  # [ddp] torchrun's ranks: one run dir, chosen by rank 0
         extra += run_dir_overrides(command, cfg, overrides, multirun, world)
