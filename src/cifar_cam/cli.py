@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cifar_cam.errors import CifarCamError
+from cifar_cam.errors import CifarCamError, TrainingInterrupted
 from cifar_cam.io import config_dir, lock_run_dir, reserve_dir
 from cifar_cam.logs import silence_stdout
 
@@ -55,11 +55,16 @@ examples:
 Runs write to outputs/<command>/<YYYY-MM-DD_HH-MM-SS>/; configs live in {conf}."""
 
 
-def fail(command: str | None, message: str, code: int = 2) -> NoReturn:
-    """One line on stderr, then exit."""
+def fail(command: str | None, message: str, code: int = 2, label: str = "error") -> NoReturn:
+    """One line on stderr (`cifar-cam <command>: <label>: <message>`), then exit."""
     prefix = f"cifar-cam {command}" if command else "cifar-cam"
-    print(f"{prefix}: error: {message}", file=sys.stderr)
+    print(f"{prefix}: {label}: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def stopped(command: str | None, message: str, code: int) -> NoReturn:
+    """A stop the user asked for (Ctrl-C, SIGTERM): said as one, not as an error; the exit code stays 128 + n."""
+    fail(command, message, code, label="stopped")
 
 
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -290,6 +295,9 @@ def task_entry(command: str, target: str) -> Callable[[Any], Any]:
 
                 record(Path(HydraConfig.get().runtime.output_dir), command, sys.argv[1:])
             return getattr(module, fn_name)(cfg)
+        except TrainingInterrupted as e:  # a requested, clean stop: warning level, "stopped:", 130 / 143
+            log.warning("%s", e, extra={"file_only": True})
+            stopped(command, str(e), e.exit_code)
         except CifarCamError as e:
             log.error("%s", e, extra={"file_only": True})
             if multirun and e.exit_code < 128:  # a signal (exit 128 + n) stops the whole sweep
@@ -299,8 +307,8 @@ def task_entry(command: str, target: str) -> Callable[[Any], Any]:
                 return float("nan")  # what a sweeper (Optuna) records for a failed trial
             fail(command, str(e), e.exit_code)
         except KeyboardInterrupt:
-            log.error("interrupted", extra={"file_only": True})
-            fail(command, "interrupted", 130)
+            log.warning("interrupted (Ctrl-C)", extra={"file_only": True})
+            stopped(command, "interrupted (Ctrl-C)", 130)
         except Exception as e:  # a bug or an OS error: the traceback goes on, the log keeps why (for `report`)
             log.error("%s: %s", type(e).__name__, e, exc_info=True, extra={"file_only": True})
             raise
@@ -457,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _main(argv)
     except KeyboardInterrupt:  # Ctrl-C before a task started (or after it ended): nothing to save
-        fail(None, "interrupted", 130)
+        stopped(None, "interrupted (Ctrl-C)", 130)
     except BrokenPipeError:  # `cifar-cam train --help | head -1`: the reader left; nothing is wrong
         silence_stdout()
         sys.exit(0)

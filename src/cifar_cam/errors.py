@@ -31,3 +31,12 @@ class DivergenceError(CifarCamError):
     """The loss became NaN or inf during training (exit 1)."""
 
     exit_code = 1
+
+
+class TrainingInterrupted(CifarCamError):
+    """SIGINT / SIGTERM stopped the command, as asked: not a failure (the CLI says 'stopped', at warning
+    level); exit 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

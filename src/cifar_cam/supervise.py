@@ -28,7 +28,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from cifar_cam.errors import CifarCamError
+from cifar_cam.errors import TrainingInterrupted  # noqa: F401  (re-exported: the tasks raise it)
 
 log = logging.getLogger("cifar_cam")
 
@@ -37,14 +37,6 @@ AUTO_STALL_FACTOR = 20       # auto: this many median steps without progress is 
 AUTO_STALL_MINIMUM = 300.0   # ... but never less than 5 minutes (a slow disk, a busy machine)
 SECOND_SIGNAL_WAIT = 1.0     # seconds the main thread gets to act on a second signal itself (a clean exit)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-class TrainingInterrupted(CifarCamError):
-    """SIGINT / SIGTERM stopped the command; exit 128 + the signal's number."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 def resolve_stall_timeout(setting: float | str | None, step_seconds: list[float] | deque[float]) -> float | None:
@@ -206,15 +198,19 @@ class Supervisor:
             pass
 
     def _exit(self, code: int, line: str) -> None:
-        """Ends the process now, from the watcher thread: one line on stderr and in the log, then os._exit."""
+        """Ends the process now, from the watcher thread: one line on stderr and in the log, then os._exit.
+
+        A stall is an error; a stop that was asked for (a signal: exit 128 + n) is said as one, at warning level.
+        """
+        stopped = code > 128
         try:
-            log.error("%s", line, extra={"file_only": True})
+            log.log(logging.WARNING if stopped else logging.ERROR, "%s", line, extra={"file_only": True})
             for handler in logging.getLogger().handlers + log.handlers:
                 handler.flush()
             if sys.stdout.isatty():
                 sys.stdout.write("\x1b[?25h\n")  # a live progress bar hid the cursor
                 sys.stdout.flush()
-            print(f"cifar-cam {self.command}: error: {line}", file=sys.stderr, flush=True)
+            print(f"cifar-cam {self.command}: {'stopped' if stopped else 'error'}: {line}", file=sys.stderr, flush=True)
         finally:
             os._exit(code)
 
