@@ -146,6 +146,8 @@ def _validate_runtime(c: DictConfig, command: str) -> None:
                "'auto', null (off) or seconds > 0", optional=True)
     if "stop_grace" in c.trainer:
         _check(c, "trainer.stop_grace", _positive, "seconds > 0")
+    if "progress_every" in c.trainer:
+        _check(c, "trainer.progress_every", _positive, "null (off) or seconds > 0", optional=True)
 
 
 def _validate_optimizer(c: DictConfig, command: str) -> None:

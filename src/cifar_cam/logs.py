@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -55,13 +57,24 @@ class ConsoleHandler(logging.Handler):
             self.handleError(record)
 
 
-class Bars:
-    """rich progress bars (an outer one and a batch one) on a terminal; nothing when piped.
+def duration(seconds: float) -> str:
+    """3725 -> '1h02m', 125 -> '2m05s', 42 -> '42s'."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
-    Piped output (CI, a log file) gets the per-epoch log lines only.
+
+class Bars:
+    """rich progress bars (an outer one and a batch one) on a terminal; progress lines when piped.
+
+    Piped output (CI, a log file) gets, besides the per-epoch log lines, one line every `every` seconds
+    while the batch bar moves: step, the caller's info, images per second and the ETA of the bar's total.
+    `enabled=False` (a DDP rank other than 0) shows neither.
     """
 
-    def __init__(self, outer_label: str, outer_total: int, enabled: bool | None = None) -> None:
+    def __init__(self, outer_label: str, outer_total: int, enabled: bool | None = None, every: float | None = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -72,6 +85,10 @@ class Bars:
         )
 
         self.enabled = console().is_terminal if enabled is None else enabled
+        self.lines = enabled is None and not self.enabled and every is not None  # piped: lines instead of bars
+        self.every, self.clock = every, clock
+        self._inner: tuple[str, int, int, float, int | None] = ("", 0, 0, 0.0, None)  # label, total, start, t0, imgs
+        self._last_line = 0.0
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console(), transient=True,
@@ -87,12 +104,28 @@ class Bars:
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(*exc)
 
-    def start_inner(self, label: str, total: int, completed: int = 0) -> None:
-        """Restarts the inner (batch) bar."""
+    def start_inner(self, label: str, total: int, completed: int = 0, images_per_step: int | None = None) -> None:
+        """Restarts the inner (batch) bar; `images_per_step` gives the piped lines their img/s."""
         self.progress.reset(self.inner, total=total, completed=completed, description=label, visible=True, info="")
+        now = self.clock()
+        self._inner, self._last_line = (label, total, completed, now, images_per_step), now
 
     def update_inner(self, completed: int, info: str = "") -> None:
         self.progress.update(self.inner, completed=completed, info=info)
+        if self.lines and self.clock() - self._last_line >= self.every:  # type: ignore[operator]
+            self._progress_line(completed, info)
+
+    def _progress_line(self, completed: int, info: str) -> None:
+        label, total, start, t0, images = self._inner
+        now = self.clock()
+        self._last_line = now
+        done, elapsed = completed - start, now - t0
+        if done <= 0 or elapsed <= 0:
+            return
+        rate = f"{done * images / elapsed:.1f} img/s" if images else f"{done / elapsed:.2f} steps/s"
+        eta = duration((total - completed) * elapsed / done)
+        logging.getLogger("cifar_cam").info("%s: step %d/%d%s  %s  ETA %s", label, completed, total,
+                                            f"  {info}" if info else "", rate, eta)
 
     def advance_outer(self, completed: int, info: str = "") -> None:
         self.progress.update(self.outer, completed=completed, info=info)

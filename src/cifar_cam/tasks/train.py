@@ -248,7 +248,8 @@ def train_epochs(run: Run, sup: Supervisor) -> bool:
     if state.epoch >= t.epochs:
         log.info("the run already finished %d of %d epochs: evaluating its best checkpoint on test again "
                  "(trainer.epochs=N on the command line trains it further)", state.epoch, t.epochs)
-    with Bars("epochs", t.epochs, enabled=None if run.world.is_main else False) as bars:
+    with Bars("epochs", t.epochs, enabled=None if run.world.is_main else False,
+              every=t.get("progress_every", 30)) as bars:
         bars.advance_outer(state.epoch)
         sup.armed = True
         for epoch in range(state.epoch + 1, last_epoch + 1):
@@ -268,7 +269,8 @@ def run_epoch(run: Run, epoch: int, bars: Bars, sup: Supervisor) -> tuple[EpochT
     full_size = run.splits.train.images.shape[1]
     size = epoch_image_size(list(t.get("progressive_resize") or []), epoch, full_size)  # cheap early epochs
     epoch_batches = run.batches if size == full_size else ResizedBatches(run.batches, size)
-    bars.start_inner(f"epoch {epoch}", len(run.batches) + done, done)
+    bars.start_inner(f"epoch {epoch}/{t.epochs}", len(run.batches) + done, done,
+                     images_per_step=run.cfg.data.batch_size * run.world.size)
     sup.unarmed_message = f"in epoch {epoch}; {run.ckpt_dir / 'last.pt'} keeps what it last saved; {run.resume_hint}"
     log_every = (1 if run.device.type == "cpu" else 50) if t.log_every == "auto" else t.log_every
     try:
