@@ -80,3 +80,20 @@ def test_progress_every_is_validated(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match=r"trainer.progress_every must be null \(off\) or seconds > 0"):
         validate(compose_cfg("train", [*TINY, "trainer.progress_every=0"]), "train")
+
+
+@pytest.mark.parametrize("train_images, val_images, said", [(2000, 5000, True), (45000, 5000, False), (2000, 0, False)])
+def test_a_val_split_that_dominates_the_epoch_is_said(train_images: int, val_images: int, said: bool,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from types import SimpleNamespace
+
+    from cifar_cam.tasks.train import note_validation_cost
+
+    splits = SimpleNamespace(train=[0] * train_images, val=[0] * val_images if val_images else None)
+    with caplog.at_level(logging.INFO, logger="cifar_cam"):
+        note_validation_cost(compose_cfg("train", TINY), splits)
+    lines = [r.getMessage() for r in caplog.records if "data.val_size=" in r.getMessage()]
+    assert len(lines) == said
+    if said:
+        assert lines[0].startswith("validation on 5000 images takes about 45% of each epoch (2000 training images): "
+                                   "data.val_size=200 would make it ~3%")

@@ -149,6 +149,18 @@ class Run:
             sup.last_checkpoint = f"{self.ckpt_dir / 'last.pt'} (epoch {self.state.epoch})"
 
 
+def note_validation_cost(cfg: DictConfig, splits: Any) -> None:
+    """One log line when validation takes a large share of each epoch (data.subset with the default val split)."""
+    train_images, val_images = len(splits.train), 0 if splits.val is None else len(splits.val)
+    # a validation image costs about a third of a training one (a forward pass, no backward)
+    if val_images and val_images / 3 >= train_images / 2:
+        suggested = max(100, train_images // 10)
+        log.info("validation on %d images takes about %.0f%% of each epoch (%d training images): data.val_size=%d "
+                 "would make it ~%.0f%% (data.val_size picks the images held out of train for model selection)",
+                 val_images, 100 * (val_images / 3) / (train_images + val_images / 3), train_images, suggested,
+                 100 * (suggested / 3) / (train_images + suggested / 3))
+
+
 def build_run(cfg: DictConfig, out: Path, resume: dict[str, Any] | None, sup: Supervisor) -> Run:
     """Data, model, batches, optimizer and scheduler as the config says (fresh: restore() loads a resume)."""
     device = setup_runtime(cfg)
@@ -159,6 +171,7 @@ def build_run(cfg: DictConfig, out: Path, resume: dict[str, Any] | None, sup: Su
         raise ConfigError("optimizer.lr=auto runs the LR range test, which is single-process: run "
                           "`cifar-cam lr-find` first and pass its optimizer.lr=... to the DDP run")
     splits = load_data(cfg)
+    note_validation_cost(cfg, splits)
     if resume is not None:
         check_classes(resume, splits)
     model = build_model(cfg.model.name, num_classes=splits.num_classes, width=cfg.model.width)
