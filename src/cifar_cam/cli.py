@@ -256,8 +256,10 @@ def inherit_choices(command: str, overrides: list[str]) -> list[str]:
 
 
 def _quote(path: Path | str) -> str:
-    text = str(path)
-    return text if all(c.isalnum() or c in "/._-:" for c in text) else "'" + text.replace("'", "\\'") + "'"
+    """A path as a Hydra override value (quoted where Hydra would split or retype it)."""
+    from cifar_cam.recipe import hydra_value
+
+    return hydra_value(str(path))
 
 
 # Jobs of this process's sweep that failed: (job number, its run dir, message, exit code).

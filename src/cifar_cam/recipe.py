@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from cifar_cam.io import config_dir
 
 # What Hydra's override grammar reads as an unquoted string (no , [ ] { } ( ) = ' " or space)
-_PLAIN = re.compile(r"[A-Za-z_/.\-+:@%~][A-Za-z0-9_/.\-+:@%~]*")
+_PLAIN = re.compile(r"[A-Za-z_/.\-+:@%][A-Za-z0-9_/.\-+:@%]*")
 PRESET_GROUP = "experiment"
 _OTHER_TYPES = re.compile(r"(?i)(true|false|null|nan|[+-]?inf|[+-]?(\d[\d_]*\.?\d*|\.\d+)(e[+-]?\d+)?)")
 
@@ -39,7 +39,9 @@ def hydra_value(value: Any) -> str:
     text = str(value)
     if _PLAIN.fullmatch(text) and not _OTHER_TYPES.fullmatch(text):
         return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    # Hydra's quoted strings: a backslash escapes only a quote (or the backslashes before one, or the end)
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    return "'" + re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped) + "'"
 
 
 @contextlib.contextmanager
@@ -93,10 +95,18 @@ def overrides_for(cfg: DictConfig | dict[str, Any], command: str, choices: dict[
                 if group == PRESET_GROUP:
                     base, have_choices = composed(picked)
         base = compose(config_name, overrides=picked)
-    wanted = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
-    have = dict(_leaves(OmegaConf.to_container(base, resolve=True)))
-    changed = [f"{key}={hydra_value(value)}" for key, value in _leaves(wanted)
-               if key in have and not _skipped(key, skip) and value != have[key]]
+        wanted = dict(_leaves(cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)))
+        # keys the command's config derives (scheduler.max_lr: ${optimizer.lr}) are compared after the others
+        unresolved = _leaves(OmegaConf.to_container(base, resolve=False))
+        derived = {k for k, v in unresolved if isinstance(v, str) and "${" in v}
+
+        def differing(keys: Iterable[str], against: DictConfig) -> list[str]:
+            have = dict(_leaves(OmegaConf.to_container(against, resolve=True)))
+            return [f"{k}={hydra_value(wanted[k])}" for k in keys if k in have and wanted[k] != have[k]]
+
+        keys = [k for k in wanted if not _skipped(k, skip)]
+        changed = differing([k for k in keys if k not in derived], base)
+        changed += differing([k for k in keys if k in derived], compose(config_name, overrides=picked + changed))
     return picked + changed
 
 
