@@ -81,6 +81,7 @@ COMPLETIONS = [
     ("cifar-cam train optimizer=", ["optimizer=adam", "optimizer=adamw", "optimizer=muon", "optimizer=sgd"]),
     ("cifar-cam train seed=1 ckpt=outputs/tr", ["ckpt=outputs/train/"]),
     ("cifar-cam report out", ["outputs/"]),
+    ("cifar-cam cache --c", ["--clear "]),
 ]
 
 

@@ -18,6 +18,7 @@ from cifar_cam.helptext import (
     shown_keys,
 )
 from cifar_cam.io import config_dir
+from cifar_cam.recipe import choices_of
 
 GROUPS = ("data", "model", "aug", "optimizer", "scheduler", "trainer")
 
@@ -31,13 +32,13 @@ def test_every_key_a_command_uses_is_described_under_every_group_option() -> Non
             for group in GROUPS:
                 for option in options[group]:
                     cfg = compose(name, overrides=[f"{group}={option}"], return_hydra_config=True)
-                    choices = {g: str(c) for g, c in cfg.hydra.runtime.choices.items()}
+                    choices = choices_of(cfg.hydra.runtime.choices)
                     with open_dict(cfg):
                         del cfg["hydra"]
                     keys = shown_keys(command, cfg)
                     assert len(keys) > 8, (command, group, option)
-                    missing += [(command, f"{group}={option}", k) for k, _ in keys
-                                if not describe(k, name, choices, docs)]
+                    missing += [(command, f"{group}={option}", k) for k, _ in keys  # from its own file
+                                if not describe(k, name, choices, docs, own_file=True)]
     assert not missing, sorted(set(missing))[:10]
 
 
@@ -59,6 +60,7 @@ def test_help_lists_the_commands_keys_with_descriptions(capsys: pytest.CaptureFi
     assert "lr_find.num_iter=100" in out and "one optimizer step per iteration" in out
     assert "data            cifar10 folder* synthetic" in out
     assert "gradcam." not in out and "scheduler.factor" not in out  # lr-find uses neither
+    assert "  scheduler " not in out and "progress_every" not in out
     main(["train", "--help"])
     out = capsys.readouterr().out
     assert "trainer.stall_timeout=auto" in out and "seconds without a finished step" in out
@@ -72,6 +74,7 @@ def test_did_you_mean_reads_the_last_word_and_other_group_options() -> None:
     assert "data.image_size (with data=folder or data=synthetic)" in hints and "data.val_size" in hints
     assert did_you_mean("optimizer.moment", keys)[0] == "optimizer.momentum"
     assert did_you_mean("trainer.epoch", keys)[0] == "trainer.epochs"
+    assert did_you_mean("data.image_size", keys)[0] == "data.image_size (with data=folder or data=synthetic)"
 
 
 def test_did_you_mean_uses_the_group_chosen_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:

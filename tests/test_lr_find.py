@@ -160,6 +160,18 @@ def test_a_checkpoint_gives_its_recipe_on_fresh_weights(trained_run: Path, tmp_p
     assert torch.equal(tested["conv1.weight"], build_model("resnet18", num_classes=10, width=8).conv1.weight)
 
 
+def test_a_checkpoint_gives_its_recipe_but_not_its_machine(trained_run: Path, tmp_path: Path) -> None:
+    from cifar_cam.checkpoint_config import load_with_config
+
+    payload = torch.load(trained_run / "checkpoints" / "best.pt", weights_only=True)
+    payload["config"]["trainer"].update(strategy="ddp", device="cuda:1", num_threads=16, label_smoothing=0.1)
+    torch.save(payload, tmp_path / "ddp.pt")
+    cfg = compose_cfg("lr-find", [f"ckpt={tmp_path / 'ddp.pt'}"])
+    _, merged = load_with_config(cfg, "lr-find", [f"ckpt={tmp_path / 'ddp.pt'}"])
+    assert (merged.trainer.strategy, merged.trainer.device, merged.trainer.num_threads) == ("auto", "auto", "auto")
+    assert merged.trainer.label_smoothing == 0.1 and merged.model.width == 8  # the recipe is the run's
+
+
 def test_printed_command_from_a_checkpoint_trains_what_was_measured(trained_run: Path, tmp_path: Path) -> None:
     """lr-find ckpt=RUN prints a train command that runs as printed, with the run's data, model and recipe."""
     from cifar_cam.cli import main

@@ -26,8 +26,9 @@ def _lines(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 def test_piped_progress_line_every_interval_with_rate_and_eta(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
-    with caplog.at_level(logging.INFO, logger="cifar_cam"), Bars("epochs", 3, every=30, clock=clock) as bars:
-        assert bars.lines and not bars.enabled  # pytest captures stdout: not a terminal
+    with caplog.at_level(logging.INFO, logger="cifar_cam"), Bars("epochs", 3, every=30, clock=clock,
+                                                                      terminal=False) as bars:
+        assert bars.lines and not bars.enabled
         bars.start_inner("epoch 1/3", total=400, images_per_step=128)
         for step in range(1, 101):  # 1 s a step: a line at 30, 60, 90 s
             clock.now += 1.0
@@ -42,14 +43,16 @@ def test_piped_progress_line_every_interval_with_rate_and_eta(caplog: pytest.Log
 
 def test_resumed_epoch_counts_its_rate_from_where_it_started(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
-    with caplog.at_level(logging.INFO, logger="cifar_cam"), Bars("epochs", 3, every=10, clock=clock) as bars:
+    with caplog.at_level(logging.INFO, logger="cifar_cam"), Bars("epochs", 3, every=10, clock=clock,
+                                                                      terminal=False) as bars:
         bars.start_inner("epoch 2/3", total=100, completed=50)
         clock.now += 10.0
         bars.update_inner(55)
     assert _lines(caplog) == ["epoch 2/3: step 55/100  0.50 steps/s  ETA 1m30s"]
 
 
-@pytest.mark.parametrize("kwargs", [{"enabled": False}, {"every": None}, {"enabled": True}])
+@pytest.mark.parametrize("kwargs", [{"enabled": False, "terminal": False}, {"every": None, "terminal": False},
+                                    {"terminal": True}])
 def test_no_lines_on_other_ranks_when_off_or_on_a_terminal(kwargs: dict, caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
     with caplog.at_level(logging.INFO, logger="cifar_cam"), Bars("epochs", 1, clock=clock, **kwargs) as bars:
@@ -63,8 +66,12 @@ def test_duration() -> None:
     assert [duration(s) for s in (0, 42, 125, 3725, 90000)] == ["0s", "42s", "2m05s", "1h02m", "25h00m"]
 
 
-def test_training_piped_writes_progress_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_training_piped_writes_progress_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from cifar_cam.logs import console
     from cifar_cam.tasks.train import train
+
+    monkeypatch.setattr(console(), "_force_terminal", False)  # piped, also under `pytest -s` on a terminal
 
     cfg = compose_cfg("train", [*TINY, "trainer.epochs=1", "trainer.progress_every=1e-9"], run_dir=tmp_path)
     with caplog.at_level(logging.INFO, logger="cifar_cam"):

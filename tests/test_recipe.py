@@ -30,3 +30,16 @@ def test_overrides_compose_back_to_the_config() -> None:
     assert "optimizer=muon" not in derived  # the preset chooses it itself
     assert OmegaConf.to_container(again, resolve=True) == OmegaConf.to_container(cfg, resolve=True)
     assert sorted(derived) == sorted(typed)
+
+
+def test_a_derived_key_follows_the_new_lr() -> None:
+    """OneCycle's max_lr is ${optimizer.lr}: the printed command must not freeze it at the run's old lr."""
+    from cifar_cam.tasks.lr_find import NOT_FOR_TRAINING
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("lr_find", overrides=["scheduler=onecycle", "optimizer.lr=0.1"])
+        derived = overrides_for(OmegaConf.to_container(cfg, resolve=True), "train", {"scheduler": "onecycle"},
+                                skip=NOT_FOR_TRAINING, extra=["optimizer.lr=0.0035"])
+        trained = compose("train", overrides=derived)
+    assert derived == ["scheduler=onecycle", "optimizer.lr=0.0035"]
+    assert trained.scheduler.max_lr == trained.optimizer.lr == 0.0035

@@ -162,6 +162,13 @@ def test_why_unfinished_reads_the_last_error(tmp_path: Path) -> None:
     job = fake_run(tmp_path / "j", [], 1, None, "[10:00:00][INFO] start\n[10:00:01][ERROR] loss became NaN at "
                    "epoch 2\nTraceback (most recent call last):\n  File x\n")
     assert why_unfinished(job) == ("failed", "loss became NaN at epoch 2")
+    (job / "train.log").write_text("[10:00:00][INFO] start\n[10:00:05][WARNING] SIGINT received: stopping after "
+                                   "this step (again to abort)\n[10:00:06][WARNING] SIGINT: stopped at epoch 1, "
+                                   "step 3; saved x/last.pt; resume with: cifar-cam train ckpt=x\n")
+    assert why_unfinished(job) == ("stopped", "SIGINT: stopped at epoch 1, step 3; saved x/last.pt; resume with: "
+                                   "cifar-cam train ckpt=x")
+    (job / "train.log").write_text("[10:00:00][INFO] start\n[10:00:01][INFO] epoch 1/5  train loss 2.1\n")
+    assert why_unfinished(job) == ("unfinished", "killed or still running; last log line: epoch 1/5  train loss 2.1")
     (job / "train.log").unlink()
     assert why_unfinished(job)[0] == "unfinished"
 

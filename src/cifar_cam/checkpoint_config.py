@@ -68,8 +68,10 @@ def cached_checkpoint(ckpt: str | Path, prefer: str) -> dict[str, Any]:
     return _CACHE[key][1]
 
 
-# lr-find ckpt=RUN: a range test of the run's recipe (fresh weights), so everything that shapes its training
+# lr-find ckpt=RUN: a range test of the run's recipe (fresh weights), so everything that shapes its training,
+# but not where it ran: those keys come from this command line (a DDP or cuda:1 run is tested here)
 RECIPE_SECTIONS = ("seed", "data", "model", "aug", "optimizer", "scheduler", "trainer", "eval")
+MACHINE_KEYS = ("trainer.device", "trainer.strategy", "trainer.num_threads", "trainer.sync_batchnorm")
 
 
 def sections_for(command: str) -> tuple[str, ...] | None:
@@ -94,6 +96,10 @@ def load_with_config(cfg: DictConfig, command: str, overrides: list[str], choice
                                    choices or payload.get("choices"))
     with open_dict(merged):
         merged.ckpt = cfg.ckpt
+        if command == "lr-find":
+            for key in MACHINE_KEYS:
+                if OmegaConf.select(cfg, key, default=None) is not None:
+                    OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True)
     validate(merged, command)
     if command == "train":
         check_resume(merged, payload)

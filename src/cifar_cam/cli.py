@@ -210,7 +210,9 @@ def print_help(command: str, overrides: list[str]) -> None:
             cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         fail(command, explain_hydra_error(e, config_name, overrides))
-    choices = {g: str(c) for g, c in cfg.hydra.runtime.choices.items() if not g.startswith("hydra")}
+    from cifar_cam.recipe import choices_of
+
+    choices = choices_of(cfg.hydra.runtime.choices)
     with open_dict(cfg):
         del cfg["hydra"]
     sys.stdout = PipeSafe(sys.stdout)
@@ -377,6 +379,8 @@ def complete(line: str) -> list[str]:
     command, word = words[1], words[-1]
     if command == "report":  # its arguments are run and sweep dirs
         return [f"{o} " for o in ("--out", "--help") if o.startswith(word)] if word.startswith("-") else _paths(word)
+    if command == "cache":
+        return [f"{o} " for o in ("--clear", "--help") if o.startswith(word)]
     if command not in COMMANDS:
         return []
     from hydra._internal.config_loader_impl import ConfigLoaderImpl

@@ -11,26 +11,26 @@ import difflib
 import re
 import shutil
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_cam.io import config_dir
+from cifar_cam.recipe import hydra_value, leaves
 
 # The keys each command uses (a section, or one key of it); --help shows these and no others.
 _RUNTIME = ("trainer.device", "trainer.precision", "trainer.num_threads", "trainer.deterministic")
 HELP_KEYS: dict[str, tuple[str, ...]] = {
     "train": ("ckpt", "seed", "data", "model", "aug", "optimizer", "scheduler", "trainer", "eval", "lr_find"),
     "lr-find": ("ckpt", "seed", "data", "model", "aug", "optimizer", *_RUNTIME, "trainer.channels_last",
-                "trainer.label_smoothing", "trainer.stall_timeout", "trainer.stop_grace", "trainer.progress_every",
-                "lr_find"),
+                "trainer.label_smoothing", "trainer.stall_timeout", "trainer.stop_grace", "lr_find"),
     "eval": ("ckpt", "seed", "data", "eval", *_RUNTIME),
     "gradcam": ("ckpt", "seed", "data", "gradcam", "eval.batch_size", *_RUNTIME),
 }
 # Config groups whose files describe keys (experiment presets and sweeps set keys, they do not define them)
 NOT_DOCUMENTING = {"experiment", "hparams_search", "hydra"}
+PRESET_GROUPS = {"experiment", "hparams_search"}
 
 _KEY = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_][\w]*):(?P<rest>.*)$")
 _COMMENT = re.compile(r"(?:^|\s)#\s?(?P<text>.*)$")
@@ -89,46 +89,35 @@ def descriptions() -> dict[str, dict[str, str]]:
     return docs
 
 
-def describe(key: str, config_name: str, choices: dict[str, str], docs: dict[str, dict[str, str]]) -> str | None:
+def describe(key: str, config_name: str, choices: dict[str, str], docs: dict[str, dict[str, str]],
+             own_file: bool = False) -> str | None:
     """The description of `key`: from the file of the chosen group option (or, for a top-level key, the
-    command's main config, then common.yaml), else from any file that describes it."""
+    command's main config, then common.yaml), else (unless `own_file`) from any file that describes it."""
     sources = docs.get(key)
     if not sources:
         return None
     group = key.split(".", 1)[0]
     preferred = [f"{group}/{choices.get(group)}", config_name, "common"]
-    return next((sources[s] for s in preferred if sources.get(s)), None) or \
-        next((text for text in sources.values() if text), None)
-
-
-def leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, unresolved value) of every leaf of a config; a list is one leaf."""
-    if OmegaConf.is_dict(node):
-        for k in node.keys():
-            child = node._get_node(k)
-            full = f"{prefix}{k}"
-            if OmegaConf.is_dict(child) and len(child) and not OmegaConf.is_interpolation(node, k):
-                yield from leaves(child, full + ".")
-            else:
-                yield full, OmegaConf.to_container(child, resolve=False) if OmegaConf.is_config(child) \
-                    else child._value()
+    own = next((sources[s] for s in preferred if sources.get(s)), None)
+    return own if own or own_file else next((text for text in sources.values() if text), None)
 
 
 def shown_keys(command: str, cfg: DictConfig) -> list[tuple[str, Any]]:
     """The keys `command` uses, in config order, without Hydra's own (`_target_`, `_partial_`)."""
     wanted = HELP_KEYS[command]
-    return [(k, v) for k, v in leaves(cfg)
+    return [(k, v) for k, v in leaves(OmegaConf.to_container(cfg, resolve=False))
             if any(k == w or k.startswith(w + ".") for w in wanted) and not k.rsplit(".", 1)[-1].startswith("_")]
 
 
-def _value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list):
-        return "[" + ",".join(_value(v) for v in value) + "]"
-    return str(value)
+def _shown(key: str, value: Any, cfg: DictConfig) -> tuple[str, str]:
+    """`key=value` as typed on a command line, the value resolved ('${optimizer.lr}' -> 0.05); and the
+    interpolation, if any, for the description."""
+    if isinstance(value, str) and "${" in value:
+        try:
+            return f"{key}={hydra_value(OmegaConf.select(cfg, key))}", f" [{value}]"
+        except Exception:  # does not resolve here (a missing env var): shown as written
+            return f"{key}={value}", ""
+    return f"{key}={'???' if value == '???' else hydra_value(value)}", ""
 
 
 def group_options() -> dict[str, list[str]]:
@@ -145,15 +134,19 @@ def render(command: str, summary: str, cfg: DictConfig, choices: dict[str, str],
     lines = [f"usage: cifar-cam {command} [group=option ...] [key=value ...] [-m] [--cfg job] [--help]", "",
              summary, "", "config groups (group=option; * marks the choice in effect):"]
     options = group_options()
+    used = {k.split(".", 1)[0] for k in HELP_KEYS[command]} | PRESET_GROUPS
     for group, names in options.items():
-        if group not in choices:
+        if group not in used:
             continue
         chosen = choices.get(group)
         shown = " ".join(f"{n}*" if n == chosen else n for n in names)
-        lines.append(f"  {group:<15} {shown}" + ("   (none chosen)" if chosen in (None, "None") else ""))
+        lines.append(f"  {group:<15} {shown}" + ("   (none chosen)" if chosen is None else ""))
     lines += ["", "keys (key=value, with the value in effect):"]
     config_name = command.replace("-", "_")
-    rows = [(f"{k}={_value(v)}", describe(k, config_name, choices, docs) or "") for k, v in shown_keys(command, cfg)]
+    rows = []
+    for key, value in shown_keys(command, cfg):
+        name, interpolation = _shown(key, value, cfg)
+        rows.append((name, (describe(key, config_name, choices, docs) or "") + interpolation))
     left = min(40, max(len(r[0]) for r in rows) + 2)
     for name, text in rows:
         indent = " " * (left + 2)
@@ -169,7 +162,7 @@ def render(command: str, summary: str, cfg: DictConfig, choices: dict[str, str],
 
 def known_keys(cfg: DictConfig) -> dict[str, list[str]]:
     """{dotted key: []} of `cfg`, plus the keys only other options of its groups have: {key: ['group=option', ...]}."""
-    keys: dict[str, list[str]] = {k: [] for k, _ in leaves(cfg)}
+    keys: dict[str, list[str]] = {k: [] for k, _ in leaves(OmegaConf.to_container(cfg, resolve=False))}
     for key, sources in descriptions().items():
         options = [s.replace("/", "=") for s in sources if "/" in s]
         if key not in keys and options:
@@ -187,4 +180,6 @@ def did_you_mean(key: str, keys: dict[str, list[str]], n: int = 5) -> list[str]:
     same_word = [k for k in keys if k.rpartition(".")[0] == section and words & set(k.rpartition(".")[2].split("_"))]
     ranked = list(dict.fromkeys([*close, *same_word]))
     ranked.sort(key=lambda k: (bool(keys[k]), -len(keys[k])))  # stable: closeness within each kind
+    if keys.get(key):  # the key exists, with another group option: that first
+        ranked = [key, *(k for k in ranked if k != key)]
     return [k if not keys[k] else f"{k} (with {' or '.join(keys[k][:2])})" for k in ranked[:n]]

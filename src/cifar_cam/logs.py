@@ -74,7 +74,7 @@ class Bars:
     """
 
     def __init__(self, outer_label: str, outer_total: int, enabled: bool | None = None, every: float | None = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, terminal: bool | None = None) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -84,7 +84,8 @@ class Bars:
             TimeRemainingColumn,
         )
 
-        self.enabled = console().is_terminal if enabled is None else enabled
+        terminal = console().is_terminal if terminal is None else terminal
+        self.enabled = terminal if enabled is None else enabled
         self.lines = enabled is None and not self.enabled and every is not None  # piped: lines instead of bars
         self.every, self.clock = every, clock
         self._inner: tuple[str, int, int, float, int | None] = ("", 0, 0, 0.0, None)  # label, total, start, t0, imgs

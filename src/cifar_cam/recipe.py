@@ -57,13 +57,18 @@ def _hydra() -> Iterator[None]:
         yield
 
 
-def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every leaf; a list is one leaf."""
+def leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a plain container (OmegaConf.to_container); a list is one leaf."""
     if isinstance(node, dict):
         for k, v in node.items():
-            yield from _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [(f"{prefix}{k}", v)]
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and v else [(f"{prefix}{k}", v)]
     else:
         yield prefix.rstrip("."), node
+
+
+def choices_of(runtime_choices: Any) -> dict[str, str]:
+    """The config-group choices (data=folder, ...) of Hydra's `runtime.choices`, without Hydra's own and unset ones."""
+    return {g: str(c) for g, c in runtime_choices.items() if not g.startswith("hydra") and c is not None}
 
 
 def _skipped(key: str, skip: Iterable[str]) -> bool:
@@ -71,8 +76,9 @@ def _skipped(key: str, skip: Iterable[str]) -> bool:
 
 
 def overrides_for(cfg: DictConfig | dict[str, Any], command: str, choices: dict[str, str],
-                  skip: Iterable[str] = ()) -> list[str]:
-    """The overrides under which `cifar-cam <command>` composes `cfg` (keys under `skip` left out).
+                  skip: Iterable[str] = (), extra: Iterable[str] = ()) -> list[str]:
+    """The overrides under which `cifar-cam <command>` composes `cfg` (keys under `skip` left out), ending
+    with `extra` (key=value overrides that replace cfg's values: derived keys then follow them).
 
     `choices` are the config-group choices `cfg` was composed with (data=folder, experiment=cpu_quick);
     those the command does not have, or has by default, are left out. Keys the command lacks are left out.
@@ -82,7 +88,8 @@ def overrides_for(cfg: DictConfig | dict[str, Any], command: str, choices: dict[
     config_name = command.replace("-", "_")  # conf/<command>.yaml: train, lr_find, eval, gradcam
     def composed(overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-        return cfg, {g: str(c) for g, c in cfg.hydra.runtime.choices.items() if not g.startswith("hydra")}
+        groups = cfg.hydra.runtime.choices  # a group chosen as null (experiment) is there too, as None
+        return cfg, {g: str(c) for g, c in groups.items() if not g.startswith("hydra")}
 
     with _hydra():
         base, have_choices = composed([])
@@ -95,19 +102,35 @@ def overrides_for(cfg: DictConfig | dict[str, Any], command: str, choices: dict[
                 if group == PRESET_GROUP:
                     base, have_choices = composed(picked)
         base = compose(config_name, overrides=picked)
-        wanted = dict(_leaves(cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)))
+        plain = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+        wanted, wanted_cfg = dict(leaves(plain)), OmegaConf.create(plain)
         # keys the command's config derives (scheduler.max_lr: ${optimizer.lr}) are compared after the others
-        unresolved = _leaves(OmegaConf.to_container(base, resolve=False))
-        derived = {k for k, v in unresolved if isinstance(v, str) and "${" in v}
+        unresolved = leaves(OmegaConf.to_container(base, resolve=False))
+        derived = {k: v for k, v in unresolved if isinstance(v, str) and "${" in v}
 
         def differing(keys: Iterable[str], against: DictConfig) -> list[str]:
-            have = dict(_leaves(OmegaConf.to_container(against, resolve=True)))
+            have = dict(leaves(OmegaConf.to_container(against, resolve=True)))
             return [f"{k}={hydra_value(wanted[k])}" for k in keys if k in have and wanted[k] != have[k]]
 
-        keys = [k for k in wanted if not _skipped(k, skip)]
+        extra = list(extra)
+        replaced = [o.split("=", 1)[0] for o in extra]
+        keys = [k for k in wanted if not _skipped(k, [*skip, *replaced])]
         changed = differing([k for k in keys if k not in derived], base)
-        changed += differing([k for k in keys if k in derived], compose(config_name, overrides=picked + changed))
-    return picked + changed
+        # a derived key that still equals what its interpolation gives in `cfg` follows it: left out
+        followed = {k for k in keys if k in derived and _follows(wanted_cfg, k, derived[k])}
+        again = compose(config_name, overrides=picked + changed + extra)
+        changed += differing([k for k in keys if k in derived and k not in followed], again)
+    return picked + changed + extra
+
+
+def _follows(cfg: DictConfig, key: str, interpolation: str) -> bool:
+    """Whether `key` of `cfg` equals `interpolation` (e.g. '${optimizer.lr}') resolved against `cfg`."""
+    probe = cfg.copy()
+    OmegaConf.update(probe, key, interpolation, force_add=True)
+    try:
+        return OmegaConf.select(probe, key) == OmegaConf.select(cfg, key)
+    except Exception:  # an interpolation that does not resolve here
+        return False
 
 
 def command_line(command: str, overrides: Iterable[str]) -> str:

@@ -35,8 +35,9 @@ def cli_overrides() -> list[str]:
 
 def group_choices() -> dict[str, str]:
     """The config-group choices of this run (data=..., model=..., ...), without Hydra's own."""
-    choices = HydraConfig.get().runtime.choices
-    return {g: str(c) for g, c in choices.items() if not g.startswith("hydra") and c is not None}
+    from cifar_cam.recipe import choices_of
+
+    return choices_of(HydraConfig.get().runtime.choices)
 
 
 def seed_everything(seed: int) -> None:

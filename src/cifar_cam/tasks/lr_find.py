@@ -177,8 +177,8 @@ def train_command(cfg: DictConfig, lr: float, choices: dict[str, str]) -> str:
     """`cifar-cam train ... optimizer.lr=LR` that trains what this range test measured: its model, data,
     augmentation, optimizer and trainer settings (from the command line, a preset or ckpt=), as given by
     `cfg` and its group `choices`."""
-    overrides = overrides_for(cfg, "train", choices, skip=NOT_FOR_TRAINING)
-    return command_line("train", [*overrides, f"optimizer.lr={lr:.3g}"])
+    return command_line("train", overrides_for(cfg, "train", choices, skip=NOT_FOR_TRAINING,
+                                               extra=[f"optimizer.lr={lr:.3g}"]))
 
 
 def range_test_to_files(cfg: DictConfig, model: nn.Module, batches: TrainBatches, criterion: nn.Module,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +46,7 @@ class Job:
     overrides: list[str]
     seed: int | None
     summary: dict[str, Any] | None
-    status: str                     # done | failed | unfinished | not started
+    status: str                     # done | failed | stopped | unfinished | not started
     reason: str = ""                # for failed / unfinished jobs: the log's last error or last line
     group: str = ""                 # the overrides that set this job apart from the others, seed excluded
 
@@ -116,7 +117,8 @@ def read_job(path: Path) -> Job | None:
 
 
 def why_unfinished(path: Path) -> tuple[str, str]:
-    """('failed', the log's last ERROR message) or ('unfinished', the log's last line) for a job without results."""
+    """('failed', the log's last ERROR message), ('stopped', its stop line: Ctrl-C / SIGTERM, resumable) or
+    ('unfinished', the log's last line) for a job without results."""
     logs = sorted(path.glob("*.log"))
     if not logs:
         return "unfinished", "no log file: the job never started"
@@ -126,7 +128,10 @@ def why_unfinished(path: Path) -> tuple[str, str]:
         return "failed", errors[-1].split("[ERROR]", 1)[1].strip()
     if not lines:
         return "unfinished", f"{logs[0].name} is empty: killed at start, or still starting"
-    last = lines[-1].split("[INFO]", 1)[-1].strip()
+    stops = [line for line in lines if "[WARNING]" in line and re.search(r"\bSIG\w+: stopped ", line)]
+    if stops:
+        return "stopped", stops[-1].split("[WARNING]", 1)[1].strip()
+    last = re.sub(r"^\[[^\]]*\]\[[A-Z]+\]\s*", "", lines[-1])
     return "unfinished", f"killed or still running; last log line: {last}"
 
 
