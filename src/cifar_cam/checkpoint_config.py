@@ -68,6 +68,9 @@ def cached_checkpoint(ckpt: str | Path, prefer: str) -> dict[str, Any]:
     return _CACHE[key][1]
 
 
+# The commands whose config takes a checkpoint's stored values (ckpt= a run dir or a .pt)
+CHECKPOINT_CONFIG_COMMANDS = ("train", "lr-find", "eval", "gradcam", "export")
+
 # lr-find ckpt=RUN: a range test of the run's recipe (fresh weights), so everything that shapes its training,
 # but not where it ran: those keys come from this command line (a DDP or cuda:1 run is tested here)
 RECIPE_SECTIONS = ("seed", "data", "model", "aug", "optimizer", "scheduler", "trainer", "eval")
@@ -88,7 +91,8 @@ def load_with_config(cfg: DictConfig, command: str, overrides: list[str], choice
     Whether the other commands' weights fit is checked where the model is built (the CLI's pre-check, the task).
     Without `ckpt=`: (None, cfg).
     """
-    if "ckpt" not in cfg or OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
+    if "ckpt" not in cfg or OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt or \
+            command not in CHECKPOINT_CONFIG_COMMANDS:  # predict reads its model itself (.pt, .onnx, .pt2)
         return None, cfg
     prefer = "last" if command == "train" else "best"
     payload = cached_checkpoint(cfg.ckpt, prefer)

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
+from cifar_cam.checkpoint_config import CHECKPOINT_CONFIG_COMMANDS
 from cifar_cam.errors import CifarCamError, TrainingInterrupted
 from cifar_cam.io import config_dir, lock_run_dir, reserve_dir
 from cifar_cam.logs import silence_stdout
@@ -28,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": ("train", "cifar_cam.tasks.train:train", "train; checkpoint every epoch; test the best model"),
     "eval": ("eval", "cifar_cam.tasks.eval:eval_", "evaluate ckpt=PATH: accuracy, per class, confusion matrix"),
     "gradcam": ("gradcam", "cifar_cam.tasks.gradcam:gradcam", "Grad-CAM heatmaps of misclassified test images"),
+    "predict": ("predict", "cifar_cam.tasks.predict:predict", "top-k classes (and CAM) of your own images: inputs=..."),
+    "export": ("export", "cifar_cam.tasks.export:export", "ONNX / torch.export (and int8) files, checked vs PyTorch"),
 }
 # Commands that are not Hydra apps (their arguments are paths and flags, not overrides)
 UTILITIES = ("report", "cache")
@@ -240,7 +243,7 @@ def inherit_choices(command: str, overrides: list[str]) -> list[str]:
     was trained with; a group named on the command line still wins.
     """
     ckpt = next((o.split("=", 1)[1] for o in overrides if o.startswith("ckpt=")), None)
-    if command not in ("eval", "gradcam", "train", "lr-find") or not ckpt:
+    if command not in CHECKPOINT_CONFIG_COMMANDS or not ckpt:
         return overrides
     from cifar_cam.checkpoint_config import cached_checkpoint, sections_for
 

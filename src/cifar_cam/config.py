@@ -26,6 +26,7 @@ from cifar_cam.choices import (
 )
 from cifar_cam.errors import ConfigError
 
+EXPORT_FORMATS = ("onnx", "pt2")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 DEFAULT_IMAGE_SIZE = 32  # CIFAR's own size: what every data source gives when data.image_size is not set
 
@@ -234,9 +235,43 @@ def _validate_gradcam(c: DictConfig, command: str) -> None:
            "a list of layer names, e.g. [layer3,layer4]")
 
 
+def _validate_predict(c: DictConfig, command: str) -> None:
+    """predict.* and inputs."""
+    if command != "predict":
+        return
+    if OmegaConf.is_missing(c, "inputs"):
+        raise ConfigError("predict needs inputs=...: an image, a folder, a .tar.gz, a glob, or a list [a.png,dir/]")
+    _check(c, "inputs", lambda v: (isinstance(v, str) and v != "") or (OmegaConf.is_list(v) and len(v) > 0),
+           "a path, a glob, or a non-empty list of them")
+    _check(c, "predict.topk", _int_at_least(1), "an integer >= 1")
+    _check(c, "predict.batch_size", _int_at_least(1), "an integer >= 1")
+    _check(c, "predict.cam", _is_bool, "true or false")
+    _check(c, "predict.layer", lambda v: v in ("layer1", "layer2", "layer3", "layer4"), "layer1 .. layer4")
+    _check(c, "predict.max_pixels", _int_at_least(1), "an integer >= 1")
+    _check(c, "predict.contact_sheet", _int_at_least(0), "an integer >= 0")
+
+
+def _validate_export(c: DictConfig, command: str) -> None:
+    """export.*."""
+    if command != "export":
+        return
+    formats = _get(c, "export.formats")
+    if not (OmegaConf.is_list(formats) and len(formats) and all(f in EXPORT_FORMATS for f in formats)):
+        raise ConfigError(f"export.formats={formats} must be a non-empty list of {list(EXPORT_FORMATS)}, "
+                          "e.g. [onnx,pt2]")
+    _check(c, "export.check", _is_bool, "true or false")
+    _check(c, "export.check_images", _int_at_least(1), "null (the whole test set) or an integer >= 1", optional=True)
+    _check(c, "export.tolerance", _positive, "a number > 0")
+    _check(c, "export.quantize", lambda v: v == "int8", "null or int8", optional=True)
+    if _get(c, "export.quantize") == "int8" and "onnx" not in formats:
+        raise ConfigError("export.quantize=int8 quantizes the ONNX model: add onnx to export.formats")
+    _check(c, "export.calibration_images", _int_at_least(1), "an integer >= 1")
+    _check(c, "export.opset", _int_at_least(17), "an integer >= 17")
+
+
 def _validate_ckpt(c: DictConfig, command: str) -> None:
-    """ckpt: required by eval and gradcam."""
-    if command not in ("eval", "gradcam"):
+    """ckpt: required by eval, gradcam, predict and export."""
+    if command not in ("eval", "gradcam", "predict", "export"):
         return
     if OmegaConf.is_missing(c, "ckpt"):
         raise ConfigError(f"{command} needs ckpt=PATH: a train run dir (uses its checkpoints/best.pt) or a .pt file")
@@ -258,6 +293,8 @@ SECTION_VALIDATORS: dict[str, Callable[[DictConfig, str], None]] = {
     "lr_find": _validate_lr_find,
     "gradcam": _validate_gradcam,
     "ckpt": _validate_ckpt,
+    "predict": _validate_predict,
+    "export": _validate_export,
 }
 
 

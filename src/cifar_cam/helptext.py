@@ -27,6 +27,8 @@ HELP_KEYS: dict[str, tuple[str, ...]] = {
                 "trainer.label_smoothing", "trainer.stall_timeout", "trainer.stop_grace", "lr_find"),
     "eval": ("ckpt", "seed", "data", "eval", *_RUNTIME),
     "gradcam": ("ckpt", "seed", "data", "gradcam", "eval.batch_size", *_RUNTIME),
+    "predict": ("ckpt", "inputs", "predict", *_RUNTIME),
+    "export": ("ckpt", "data.root", "export", "trainer.device", "trainer.num_threads"),
 }
 # Config groups whose files describe keys (experiment presets and sweeps set keys, they do not define them)
 NOT_DOCUMENTING = {"experiment", "hparams_search", "hydra"}

@@ -31,6 +31,14 @@ def min_max(maps: Tensor) -> Tensor:
     return maps / (EPS_SCALE + maps.amax(dim=(1, 2), keepdim=True))
 
 
+def weighted_maps(weights: Tensor, activations: Tensor, size: tuple[int, int]) -> Tensor:
+    """(N, C) channel weights x (N, C, h, w) activations -> (N, H, W) maps in [0, 1] at `size`: ReLU,
+    min-max, bilinear upsampling, min-max (also the CAM of a deployed model: deploy.cam_from_features)."""
+    cam = torch.relu((weights[:, :, None, None] * activations).sum(dim=1))
+    cam = F.interpolate(min_max(cam)[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    return min_max(cam)
+
+
 class GradCAM:
     """Grad-CAM heatmaps for target layers: `with GradCAM(model, ["layer3", "layer4"]) as cam: cam(images)`.
 
@@ -60,10 +68,7 @@ class GradCAM:
 
     def layer_maps(self, activations: Tensor, gradients: Tensor, size: tuple[int, int]) -> Tensor:
         """(N, C, h, w) activations and gradients -> (N, H, W) maps in [0, 1] at the input size."""
-        weights = self.channel_weights(activations, gradients)
-        cam = torch.relu((weights[:, :, None, None] * activations).sum(dim=1))
-        cam = F.interpolate(min_max(cam)[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        return min_max(cam)
+        return weighted_maps(self.channel_weights(activations, gradients), activations, size)
 
     def __call__(self, images: Tensor, targets: Tensor | Sequence[int] | None = None) -> dict[str, Tensor]:
         """Maps {layer: (N, H, W) float32 CPU tensor in [0, 1]} for normalized (N, 3, H, W) images.
