@@ -274,7 +274,8 @@ def _validate_ckpt(c: DictConfig, command: str) -> None:
     if command not in ("eval", "gradcam", "predict", "export"):
         return
     if OmegaConf.is_missing(c, "ckpt"):
-        raise ConfigError(f"{command} needs ckpt=PATH: a train run dir (uses its checkpoints/best.pt) or a .pt file")
+        raise ConfigError(f"{command} needs ckpt=PATH: a train run dir (uses its checkpoints/best.pt) or a .pt file"
+                          + (", or an exported .onnx / .pt2" if command == "predict" else ""))
     _check(c, "ckpt", lambda v: isinstance(v, str) and v != "", "a checkpoint file or a train run dir")
 
 
