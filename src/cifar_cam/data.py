@@ -22,6 +22,7 @@ from torch import Tensor
 from cifar_cam.cache import folder_cache_file, megabytes, shown
 from cifar_cam.choices import SOURCES
 from cifar_cam.errors import ConfigError, DataError
+from cifar_cam.images import IMAGE_SUFFIXES, decode_rgb
 from cifar_cam.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)  # not the (0.2023, 0.1994, 0.2010) found in many repos
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
@@ -83,17 +83,6 @@ def load_cifar10(root: str) -> tuple[ImageArrays, ImageArrays, list[str]]:
             "without internet use data=folder data.root=<ImageFolder dir or .tar.gz>"
         ) from e
     return _arrays(train.data, train.targets), _arrays(test.data, test.targets), list(train.classes)
-
-
-def _decode(data: bytes, name: str, size: int) -> np.ndarray:
-    import cv2
-
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise DataError(f"cannot decode image {name}: not an image file or corrupt; remove or replace it")
-    if img.shape[0] != size or img.shape[1] != size:
-        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def _class_files(names: list[str], split: str, where: str) -> dict[str, list[str]]:
@@ -209,7 +198,7 @@ def load_folder(root: str, image_size: int = 32, cache: bool = True) -> tuple[Im
         names = [(label, name) for label, cls in enumerate(classes) for name in files[cls]]
         images = np.empty((len(names), image_size, image_size, 3), np.uint8)
         for i, (_, name) in enumerate(names):
-            images[i] = _decode(reader.read(name), f"{root}/{name}", image_size)
+            images[i] = decode_rgb(reader.read(name), f"{root}/{name}", image_size)
         return images, np.array([label for label, _ in names], np.int64)
 
     log.info("data: decoding %s (once; cached afterwards)", root)
