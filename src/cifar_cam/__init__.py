@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["GradCAM", "load_model", "__version__"]
+__all__ = ["GradCAM", "Predictor", "load_model", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -15,6 +15,10 @@ def __getattr__(name: str) -> Any:
         from cifar_cam.cam import GradCAM
 
         return GradCAM
+    if name == "Predictor":
+        from cifar_cam.predictor import Predictor
+
+        return Predictor
     if name == "load_model":
         from cifar_cam.checkpoint import load_model
 

@@ -116,6 +116,10 @@ def model_from_checkpoint(payload: dict[str, Any]) -> torch.nn.Module:
 
 
 def load_model(ckpt: str | Path) -> torch.nn.Module:
-    """A trained model from a run dir or .pt file, in eval mode on the CPU (for notebooks and scripts)."""
-    model = model_from_checkpoint(load_checkpoint(ckpt))
+    """A trained model from a run dir or .pt file, in eval mode on the CPU (for notebooks and scripts);
+    `model.classes` holds its class names (index i is logit i). For predictions on images of any size,
+    or an exported .onnx / .pt2, use `cifar_cam.Predictor`."""
+    payload = load_checkpoint(ckpt)
+    model = model_from_checkpoint(payload)
+    model.classes = list(payload["classes"])
     return model.eval()

@@ -190,7 +190,11 @@ def precheck(command: str, overrides: list[str], machine: bool = True) -> Any:
             from cifar_cam.engine import resolve_device
 
             resolve_device(cfg.trainer.device)
-            if cfg.data.source == "folder" and ("root", str(cfg.data.root)) not in checked:
+            if command == "predict":
+                from cifar_cam.inputs import check_inputs
+
+                check_inputs(cfg.inputs)
+            elif cfg.data.source == "folder" and ("root", str(cfg.data.root)) not in checked:
                 check_root(cfg.data.root)
                 checked.add(("root", str(cfg.data.root)))
         except CifarCamError as e:

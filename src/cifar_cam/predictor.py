@@ -1,0 +1,264 @@
+"""`Predictor`: the one way to load a trained model (a checkpoint, ONNX or torch.export) and turn images
+into predictions; `cifar-cam predict`, export's checks and `serve` all use it.
+
+    from cifar_cam import Predictor
+    predictor = Predictor.load("outputs/train/<run>")        # a run dir, .pt, .onnx or .pt2
+    results = predictor(["cat.jpg", "dog.png"], topk=3)       # or uint8 RGB arrays (N, H, W, 3), any size
+    results[0].label, results[0].probability                  # 'cat', 0.91
+    maps = predictor.cam(images, layer="layer4")              # (N, S, S) in [0, 1]
+
+Every format runs `deploy.DeployedModel`'s contract (uint8 NHWC RGB in; logits and layer4 features
+out), so the three agree to ~1e-5 on the same pixels. Images of any size are made model-ready by
+`images.decode_rgb` / `resize_rgb`, the way `data=folder` makes its training images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cifar_cam import deploy
+from cifar_cam.errors import CheckpointError, ConfigError
+
+log = logging.getLogger("cifar_cam")
+
+SUFFIXES = (".pt", ".onnx", ".pt2")
+LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's top-k: class names and probabilities, most probable first."""
+
+    classes: list[str]
+    probabilities: list[float]
+    indices: list[int] = field(repr=False)
+
+    @property
+    def label(self) -> str:
+        """The most probable class."""
+        return self.classes[0]
+
+    @property
+    def probability(self) -> float:
+        """Its probability."""
+        return self.probabilities[0]
+
+
+class _Backend:
+    """Runs the deployed contract on uint8 (N, S, S, 3) batches."""
+
+    layers: tuple[str, ...] = ("layer4",)
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # logits, features
+        raise NotImplementedError
+
+    def cam(self, images: np.ndarray, layer: str, classes: np.ndarray, fc_weight: np.ndarray) -> np.ndarray:
+        """Maps at the input size: CAM from the layer4 features (= Grad-CAM at layer4)."""
+        _, features = self.run(images)
+        return deploy.cam_from_features(features, fc_weight, classes, images.shape[1:3])
+
+
+class _TorchBackend(_Backend):
+    layers = LAYERS
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+        self.model, self.device, self.amp_dtype = model, device, amp_dtype
+        self.deployed = deploy.DeployedModel(model).to(device).eval()
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                                    enabled=self.amp_dtype is not None):
+            logits, features = self.deployed(x)
+        return logits.float().cpu().numpy(), features.float().cpu().numpy()
+
+    def cam(self, images: np.ndarray, layer: str, classes: np.ndarray, fc_weight: np.ndarray) -> np.ndarray:
+        from cifar_cam.cam import GradCAM
+        from cifar_cam.data import Normalizer
+
+        x = Normalizer(self.device)(torch.from_numpy(np.ascontiguousarray(images)))
+        with GradCAM(self.model, [layer]) as cam:
+            return cam(x, targets=torch.as_tensor(classes))[layer].numpy()
+
+
+class _OnnxBackend(_Backend):
+    def __init__(self, path: Path, threads: int | None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise CheckpointError(f"ckpt={path} is not a loadable ONNX model ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]})") from None
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, features = self.session.run(list(deploy.OUTPUT_NAMES), {deploy.INPUT_NAME: images})
+        return logits, features
+
+
+class _ExportedBackend(_Backend):
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with torch.inference_mode():
+            logits, features = self.module(torch.from_numpy(np.ascontiguousarray(images)))
+        return logits.numpy(), features.numpy()
+
+
+def _onnx_card(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise CheckpointError(f"ckpt={path} is not a readable ONNX file (truncated or not ONNX: "
+                              f"{type(e).__name__})") from None
+    meta = {p.key: p.value for p in model.metadata_props}
+    return _parse_card(path, meta.get(deploy.CARD_KEY), meta.get(deploy.FC_KEY))
+
+
+def _pt2_module(path: Path) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    extra = {f"{deploy.CARD_KEY}.json": "", f"{deploy.FC_KEY}.json": ""}
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+    except Exception as e:
+        raise CheckpointError(f"ckpt={path} is not a readable torch.export file (truncated or not a .pt2: "
+                              f"{type(e).__name__})") from None
+    card, fc = _parse_card(path, extra[f"{deploy.CARD_KEY}.json"] or None, extra[f"{deploy.FC_KEY}.json"] or None)
+    return program.module(), card, fc
+
+
+def _parse_card(path: Path, card_text: str | None, fc_text: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    if not card_text or not fc_text:
+        raise CheckpointError(f"ckpt={path} was not exported by cifar-cam (no '{deploy.CARD_KEY}' model card in it); "
+                              "export one with `cifar-cam export ckpt=<run>`")
+    try:
+        card, fc = json.loads(card_text), json.loads(fc_text)
+    except ValueError:
+        raise CheckpointError(f"ckpt={path}: its cifar-cam model card is not valid JSON") from None
+    if card.get("format_version") != deploy.FORMAT_VERSION:
+        raise CheckpointError(f"ckpt={path}: model card format {card.get('format_version')} is not the "
+                              f"{deploy.FORMAT_VERSION} this cifar-cam reads; export it again")
+    return card, fc
+
+
+class Predictor:
+    """A trained model behind one call: images (uint8 RGB arrays of any size, or file paths) -> top-k.
+
+    `Predictor.load(path)` takes a train run dir or a `.pt` checkpoint (PyTorch, every CAM layer), or an
+    exported `model.onnx` (onnxruntime) / `model.pt2` (torch.export) (CAM at layer4).
+    """
+
+    def __init__(self, backend: _Backend, classes: Sequence[str], image_size: int, fc_weight: np.ndarray,
+                 source: str, kind: str, batch_size: int = 256, card: dict[str, Any] | None = None) -> None:
+        self.backend, self.classes, self.image_size = backend, list(classes), int(image_size)
+        self.fc_weight, self.source, self.kind, self.batch_size = fc_weight, source, kind, int(batch_size)
+        self.card = card or {}
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 256,
+             precision: str = "fp32", threads: int | None = None) -> Predictor:
+        """The model at `path` (run dir, .pt, .onnx, .pt2); `device` and `precision` apply to PyTorch (.pt);
+        raises CheckpointError (one line) for anything else."""
+        from cifar_cam.config import image_size
+
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise CheckpointError(f"ckpt={p} does not exist; pass a train run dir, a .pt, .onnx or .pt2 file")
+        if p.is_dir() or p.suffix == ".pt":
+            from cifar_cam.checkpoint import model_from_checkpoint
+            from cifar_cam.checkpoint_config import cached_checkpoint
+            from cifar_cam.engine import resolve_device, resolve_precision
+
+            payload = cached_checkpoint(p, "best")
+            dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+            model = model_from_checkpoint(payload).to(dev).eval()
+            from omegaconf import OmegaConf
+
+            size = image_size(OmegaConf.create(payload["config"]))
+            backend = _TorchBackend(model, dev, resolve_precision(precision, dev))
+            return cls(backend, payload["classes"], size, deploy.classifier_of(model)["weight"], str(payload["path"]),
+                       "torch", batch_size, {"classes": list(payload["classes"]), "image_size": size})
+        if p.suffix == ".onnx":
+            card, fc = _onnx_card(p)
+            return cls(_OnnxBackend(p, threads), card["classes"], card["image_size"], np.asarray(fc["weight"]),
+                       str(p), "onnx", batch_size, card)
+        if p.suffix == ".pt2":
+            module, card, fc = _pt2_module(p)
+            return cls(_ExportedBackend(module), card["classes"], card["image_size"], np.asarray(fc["weight"]),
+                       str(p), "pt2", batch_size, card)
+        raise CheckpointError(f"ckpt={p}: unknown model format '{p.suffix}'; cifar-cam reads a train run dir, "
+                              f"{', '.join(SUFFIXES)}")
+
+    # -- images ------------------------------------------------------------------------------------
+    def prepare(self, images: np.ndarray | Sequence[np.ndarray | str | Path], max_pixels: int | None = None
+                ) -> np.ndarray:
+        """uint8 (N, S, S, 3) at the model's size from uint8 RGB arrays (N, H, W, 3) / a list of (H, W, 3)
+        arrays of any size, or file paths (decoded as `data=folder` decodes)."""
+        from cifar_cam.images import decode_rgb, resize_rgb
+
+        s = self.image_size
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            if images.dtype != np.uint8 or images.shape[-1] != 3:
+                raise ValueError(f"images must be uint8 RGB (N, H, W, 3), got {images.dtype} {images.shape}")
+            if images.shape[1:3] == (s, s):
+                return images
+            return np.stack([resize_rgb(im, s) for im in images]) if len(images) else images[:, :s, :s]
+        out = np.empty((len(images), s, s, 3), np.uint8)
+        for i, item in enumerate(images):
+            if isinstance(item, str | Path):
+                out[i] = decode_rgb(Path(item).read_bytes(), str(item), s, max_pixels=max_pixels)
+            else:
+                array = np.asarray(item)
+                if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+                    raise ValueError(f"image {i} must be uint8 RGB (H, W, 3), got {array.dtype} {array.shape}")
+                out[i] = resize_rgb(array, s)
+        return out
+
+    # -- predictions -------------------------------------------------------------------------------
+    def logits(self, images: np.ndarray | Sequence[np.ndarray | str | Path]) -> np.ndarray:
+        """float32 logits (N, num_classes), in batches of `batch_size`."""
+        batch = self.prepare(images)
+        parts = [self.backend.run(batch[i:i + self.batch_size])[0] for i in range(0, len(batch), self.batch_size)]
+        return np.concatenate(parts) if parts else np.zeros((0, len(self.classes)), np.float32)
+
+    def top(self, logits: np.ndarray, topk: int = 3) -> list[Prediction]:
+        """Logits -> one Prediction per row (softmax in float64: probabilities sum to 1)."""
+        k = max(1, min(int(topk), len(self.classes)))
+        z = logits.astype(np.float64)
+        probs = np.exp(z - z.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [Prediction([self.classes[j] for j in row], [float(probs[i, j]) for j in row], [int(j) for j in row])
+                for i, row in enumerate(order)]
+
+    def __call__(self, images: np.ndarray | Sequence[np.ndarray | str | Path], topk: int = 3) -> list[Prediction]:
+        """The top-k classes and probabilities of each image."""
+        return self.top(self.logits(images), topk)
+
+    def cam(self, images: np.ndarray | Sequence[np.ndarray | str | Path], layer: str = "layer4",
+            targets: Sequence[int] | None = None) -> np.ndarray:
+        """Grad-CAM maps (N, S, S) in [0, 1] of the predicted class (or `targets`) at `layer`."""
+        if layer not in self.backend.layers:
+            raise ConfigError(f"layer={layer}: a {self.kind} model gives CAM at {', '.join(self.backend.layers)} only"
+                              + ("; use the .pt checkpoint for other layers" if self.kind != "torch" else ""))
+        batch = self.prepare(images)
+        out = []
+        for i in range(0, len(batch), self.batch_size):
+            part = batch[i:i + self.batch_size]
+            classes = (np.asarray(targets[i:i + len(part)]) if targets is not None
+                       else self.backend.run(part)[0].argmax(axis=1))
+            out.append(self.backend.cam(part, layer, classes, self.fc_weight))
+        return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size), np.float32)

@@ -1,0 +1,216 @@
+"""`cifar-cam predict ckpt=<run | .pt | .onnx | .pt2> inputs=<image | folder | .tar.gz | glob | [list]>`.
+
+Writes predictions.csv and predictions.json (per image: path, status, top-k classes and
+probabilities; the true class where the image sits in a folder named after one of the model's
+classes), and with `predict.cam=true` an overlay PNG per image and a contact sheet. Images are read
+in sorted order (a .tar.gz in its own order) and decoded in a background thread one batch ahead of
+the forward pass, so at most two batches are decoded at once, however many images there are. An
+unreadable image is one line and one CSV row marked `error: ...`; the others are still predicted,
+and the command exits 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import tarfile
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from cifar_cam import viz
+from cifar_cam.errors import CifarCamError, DataError
+from cifar_cam.images import decode_rgb
+from cifar_cam.inputs import Input, find_inputs
+from cifar_cam.io import cores, write_csv
+from cifar_cam.logs import Bars
+from cifar_cam.predictor import Predictor
+from cifar_cam.tasks.common import percent, resolve_num_threads, run_dir, seed_everything, write_json
+
+log = logging.getLogger("cifar_cam.predict")
+
+
+class SomeInputsFailed(CifarCamError):
+    """Some images could not be read; the others were predicted (exit 1)."""
+
+    exit_code = 1
+
+
+@dataclass
+class Batch:
+    inputs: list[Input]
+    pixels: np.ndarray          # uint8 (n_ok, S, S, 3)
+    ok: list[int]               # positions in `inputs` that decoded
+    errors: dict[int, str]      # position -> why it could not be read
+
+
+def decoded_batches(inputs: list[Input], batch_size: int, size: int, max_pixels: int, threads: int
+                    ) -> Iterator[Batch]:
+    """Batches decoded in a background thread, one batch ahead of the consumer (memory: two batches)."""
+    ready: queue.Queue[Batch | BaseException | None] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def read(item: Input) -> bytes | str:
+        try:
+            return item.read()
+        except (DataError, tarfile.TarError) as e:
+            return str(e)
+        except OSError as e:
+            return f"cannot read {item.path}: {e.strerror or e}"
+
+    def decode(item: Input, data: bytes | str) -> np.ndarray | str:
+        if isinstance(data, str):
+            return data
+        try:
+            return decode_rgb(data, item.path, size, max_pixels=max_pixels)
+        except DataError as e:
+            return str(e)
+
+    def produce() -> None:
+        try:
+            with ThreadPoolExecutor(max_workers=threads) as pool:  # cv2 decodes outside the GIL
+                for start in range(0, len(inputs), batch_size):
+                    if stop.is_set():
+                        return
+                    chunk = inputs[start:start + batch_size]
+                    raw = [read(item) for item in chunk]  # one reader, in order; decoding in parallel
+                    results = list(pool.map(decode, chunk, raw))
+                    ok = [i for i, r in enumerate(results) if isinstance(r, np.ndarray)]
+                    pixels = (np.stack([results[i] for i in ok]) if ok  # type: ignore[misc]
+                              else np.zeros((0, size, size, 3), np.uint8))
+                    errors = {i: r for i, r in enumerate(results) if isinstance(r, str)}
+                    ready.put(Batch(chunk, pixels, ok, errors))
+            ready.put(None)
+        except BaseException as e:  # noqa: BLE001  (handed to the consumer, raised there)
+            ready.put(e)
+
+    thread = threading.Thread(target=produce, name="decode", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on the full queue
+            try:
+                ready.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+
+
+def predict(cfg: DictConfig) -> float:
+    """Predicts every image of `inputs`; returns the accuracy where true classes are known, else NaN."""
+    out = run_dir()
+    p = cfg.predict
+    seed_everything(cfg.seed)
+    threads = resolve_num_threads(cfg.trainer.get("num_threads", "auto"))
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    predictor = Predictor.load(cfg.ckpt, device=cfg.trainer.device, batch_size=p.batch_size,
+                               precision=cfg.trainer.precision, threads=threads)
+    if p.cam and p.layer not in predictor.backend.layers:
+        from cifar_cam.errors import ConfigError
+
+        raise ConfigError(f"predict.layer={p.layer}: a {predictor.kind} model gives CAM at layer4 only; "
+                          "pass predict.layer=layer4 or ckpt=<the .pt checkpoint>")
+    inputs = find_inputs(cfg.inputs)
+    classes = set(predictor.classes)
+    log.info("model: %s (%s, %d classes, %d px); %d images", predictor.source, predictor.kind, len(classes),
+             predictor.image_size, len(inputs))
+    rows, sheet, failed = [], [], []
+    k = min(int(p.topk), len(predictor.classes))
+    cam_dir = out / "cam"
+    batches = decoded_batches(inputs, int(p.batch_size), predictor.image_size, int(p.max_pixels),
+                              max(1, min(4, cores())))
+    with Bars("predict", len(inputs)) as bars:
+        bars.start_inner("images", len(inputs), images_per_step=1)
+        done = 0
+        for batch in batches:
+            results = predictor.top(predictor.logits(batch.pixels), k) if batch.ok else []
+            maps = predictor.cam(batch.pixels, p.layer) if p.cam and batch.ok else None
+            by_position = dict(zip(batch.ok, range(len(batch.ok)), strict=True))
+            for i, item in enumerate(batch.inputs):
+                truth = item.folder if item.folder in classes else None
+                row: dict[str, Any] = {"path": item.path}
+                if i in batch.errors:
+                    row["status"] = f"error: {batch.errors[i]}"
+                    failed.append(row)
+                    log.warning("%s", batch.errors[i])
+                else:
+                    j = by_position[i]
+                    result = results[j]
+                    row["status"] = "ok"
+                    row["classes"], row["probabilities"] = result.classes, [round(x, 6) for x in result.probabilities]
+                    if maps is not None:
+                        number = len(rows)
+                        name = cam_dir / f"{number:05d}_{Path(item.path.split(':')[-1]).stem[:40]}.png"
+                        cam_dir.mkdir(exist_ok=True)
+                        title = f"{Path(item.path).name[:40]}\n{result.label} {result.probability:.0%}" + (
+                            f" (true: {truth})" if truth else "")
+                        viz.plot_cam_single(batch.pixels[j], maps[j], name, title=title, layer=p.layer)
+                        row["cam"] = str(name.relative_to(out))
+                        if len(sheet) < p.contact_sheet:
+                            sheet.append((batch.pixels[j], maps[j], f"{result.label} {result.probability:.0%}"
+                                          + (f"\ntrue {truth}" if truth else "")))
+                if truth is not None:
+                    row["true"] = truth
+                    row["correct"] = row["status"] == "ok" and row["classes"][0] == truth
+                rows.append(row)
+            done += len(batch.inputs)
+            bars.update_inner(done, f"{len(failed)} failed" if failed else "")
+    accuracy = _write(out, rows, k, predictor, sheet, p.layer)
+    if failed:
+        raise SomeInputsFailed(f"{len(failed)} of {len(rows)} inputs could not be read (first: {failed[0]['path']}: "
+                               f"{failed[0]['status'][7:]}); the others are in {out / 'predictions.csv'}")
+    return float("nan") if accuracy is None else accuracy
+
+
+def _write(out: Path, rows: list[dict[str, Any]], k: int, predictor: Predictor,
+           sheet: list[tuple[np.ndarray, np.ndarray, str]], layer: str) -> float | None:
+    """predictions.csv / .json, the contact sheet, and the accuracy lines; returns the accuracy or None."""
+    has_truth = any("true" in r for r in rows)
+    fields = ["path", "status", *(f for i in range(1, k + 1) for f in (f"top{i}", f"p{i}"))]
+    fields += ["true", "correct"] if has_truth else []
+    fields += ["cam"] if sheet else []
+    flat = []
+    for r in rows:
+        f = {"path": r["path"], "status": r["status"], "true": r.get("true", ""), "cam": r.get("cam", "")}
+        f["correct"] = "" if "correct" not in r else int(r["correct"])
+        for i, (c, prob) in enumerate(zip(r.get("classes", []), r.get("probabilities", []), strict=True), start=1):
+            f[f"top{i}"], f[f"p{i}"] = c, f"{prob:.4f}"
+        flat.append(f)
+    write_csv(out / "predictions.csv", flat, fields)
+    judged = [r for r in rows if "true" in r and r["status"] == "ok"]
+    accuracy = sum(r["correct"] for r in judged) / len(judged) if judged else None
+    per_class = {}
+    for c in predictor.classes:
+        of_class = [r for r in judged if r["true"] == c]
+        if of_class:
+            per_class[c] = round(sum(r["correct"] for r in of_class) / len(of_class), 4)
+    write_json(out / "predictions.json", {
+        "model": predictor.source, "format": predictor.kind, "classes": predictor.classes,
+        "image_size": predictor.image_size, "topk": k, "images": len(rows),
+        "failed": sum(r["status"] != "ok" for r in rows),
+        "accuracy": None if accuracy is None else round(accuracy, 4), "judged": len(judged),
+        "per_class_accuracy": per_class or None, "predictions": rows,
+    })
+    if sheet:
+        images = np.stack([s[0] for s in sheet])
+        viz.plot_cam_grid(images, {layer: np.stack([s[1] for s in sheet])}, [s[2] for s in sheet],
+                          out / "contact_sheet.png", cols=10,
+                          suptitle=f"{len(sheet)} images, Grad-CAM at {layer} of the predicted class")
+    if accuracy is not None:
+        log.info("accuracy %s on %d images in folders named after the model's classes; per class: %s",
+                 percent(accuracy), len(judged), ", ".join(f"{c} {percent(a)}" for c, a in per_class.items()))
+    log.info("wrote %s (%d images, %d failed)", out, len(rows), sum(r["status"] != "ok" for r in rows))
+    return accuracy
