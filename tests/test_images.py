@@ -278,3 +278,17 @@ def test_decoding_a_folder_file(tmp_path: Path) -> None:
     path = tmp_path / "cat.png"
     Image.fromarray(_noise(40, 30)).save(path)
     assert decode_rgb(path.read_bytes(), str(path), 32).shape == (32, 32, 3)
+
+
+def test_the_data_cache_keys_on_the_decoder_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cached arrays of an older decoder (other pixels for transparent or 16-bit images) are not reused."""
+    import cifar_cam.data as data
+
+    root = tmp_path / "tree"
+    for split in ("train", "test"):
+        (root / split / "a").mkdir(parents=True)
+        cv2.imwrite(str(root / split / "a" / "x.png"), np.zeros((4, 4, 3), np.uint8))
+    reader = data._FolderReader(str(root))
+    before = reader.fingerprint()
+    monkeypatch.setattr(data, "DECODER_VERSION", data.DECODER_VERSION + 1)
+    assert reader.fingerprint() != before

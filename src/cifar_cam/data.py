@@ -22,7 +22,7 @@ from torch import Tensor
 from cifar_cam.cache import folder_cache_file, megabytes, shown
 from cifar_cam.choices import SOURCES
 from cifar_cam.errors import ConfigError, DataError
-from cifar_cam.images import IMAGE_SUFFIXES, decode_rgb
+from cifar_cam.images import DECODER_VERSION, IMAGE_SUFFIXES, decode_rgb
 from cifar_cam.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -149,8 +149,9 @@ class _FolderReader:
         return f.read()
 
     def fingerprint(self) -> str:
-        """Changes when the tree or archive changes: path, sizes and mtimes."""
+        """Changes when the tree or archive changes (path, sizes and mtimes) or the decoder does."""
         h = hashlib.sha1(str(self.path.resolve()).encode())
+        h.update(f"decoder {DECODER_VERSION}".encode())
         if self._tar is not None:
             st = self.path.stat()
             h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())

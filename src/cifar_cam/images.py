@@ -27,6 +27,9 @@ import numpy as np
 
 from cifar_cam.errors import DataError
 
+# Bumped whenever decode_rgb's pixels change for some image kind: the data cache keys on it.
+# 2: transparency over white, 16-bit scaled by 257, EXIF orientation for 16-bit images (2026-12-02).
+DECODER_VERSION = 2
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
