@@ -184,3 +184,14 @@ def test_cam_layer_other_than_layer4_is_refused_for_exported_models() -> None:
     predictor = Predictor(Fake(), ["a", "b"], 32, np.zeros((2, 4)), "m.onnx", "onnx")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="gives CAM at layer4 only"):
         predictor.cam(np.zeros((1, 32, 32, 3), np.uint8), layer="layer3")
+
+
+def test_quoted_paths_with_commas_spaces_and_equals_through_the_cli(trained_run: Path, test_images: tuple,
+                                                                     tmp_path: Path) -> None:
+    """What the README shows: inputs='[x,"a, b=c d/"]' (Hydra quoting inside the value)."""
+    images, labels, classes = test_images
+    odd = _folder(tmp_path / "a, b=c d", images, labels, classes, 3)
+    one = _folder(tmp_path / "plain", images, labels, classes, 2)
+    main(["predict", f"ckpt={trained_run}", f'inputs=[{one},"{odd}"]', f"hydra.run.dir={tmp_path / 'run'}"])
+    summary = json.loads((tmp_path / "run" / "predictions.json").read_text())
+    assert summary["images"] == 5 and sum(str(odd) in p["path"] for p in summary["predictions"]) == 3
