@@ -42,6 +42,22 @@ def test_set(trained_run: Path) -> tuple[np.ndarray, np.ndarray, torch.nn.Module
     return splits.test.images, splits.test.labels, model_from_checkpoint(payload).eval()
 
 
+def test_pt_onnx_and_pt2_give_the_same_top1_through_the_predictor(exported: Path, trained_run: Path,
+                                                                   test_set: tuple) -> None:
+    from cifar_cam import Predictor
+
+    images, _, _ = test_set
+    tops = {}
+    for source in (trained_run, exported / "model.onnx", exported / "model.pt2"):
+        predictor = Predictor.load(source)
+        tops[predictor.kind] = [r.label for r in predictor(images, topk=1)]
+        assert predictor.classes == read_card(exported / "model.onnx")["classes"]
+    assert tops["torch"] == tops["onnx"] == tops["pt2"] and len(tops["torch"]) == len(images)
+    onnx_cam = Predictor.load(exported / "model.onnx").cam(images[:6])
+    torch_cam = Predictor.load(trained_run).cam(images[:6], layer="layer4")
+    assert np.abs(onnx_cam - torch_cam).max() < 1e-4
+
+
 def test_onnx_and_pt2_match_eager_pytorch_on_the_test_images(exported: Path, test_set: tuple) -> None:
     images, _, model = test_set
     eager, _ = run_torch(deploy.DeployedModel(model).eval(), images)
@@ -138,8 +154,9 @@ def test_top1_must_agree_even_within_tolerance() -> None:
 def test_a_failed_check_keeps_no_model_file(trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                             ) -> None:
     """model.onnx passes, model.pt2 then fails: neither is kept, nor any temp file."""
-    real = export_task.pt2_logits
-    monkeypatch.setattr(export_task, "pt2_logits", lambda path, images, bs: real(path, images, bs) + 1e-3)
+    real = export_task.file_logits
+    monkeypatch.setattr(export_task, "file_logits",
+                        lambda path, images, bs: real(path, images, bs) + (1e-3 if path.suffix == ".pt2" else 0))
     cfg = compose_cfg("export", [f"ckpt={trained_run}", "export.check_images=8"], run_dir=tmp_path / "run")
     with pytest.raises(CifarCamError) as e:
         export_task.export(cfg)

@@ -14,7 +14,6 @@ out), so the three agree to ~1e-5 on the same pixels. Images of any size are mad
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -91,13 +90,10 @@ class _TorchBackend(_Backend):
 
 class _OnnxBackend(_Backend):
     def __init__(self, path: Path, threads: int | None) -> None:
-        import onnxruntime as ort
+        from cifar_cam.export import onnx_session
 
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = onnx_session(path, threads)
         except Exception as e:  # onnxruntime raises its own exception types
             raise CheckpointError(f"ckpt={path} is not a loadable ONNX model ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:200]})") from None
@@ -115,43 +111,6 @@ class _ExportedBackend(_Backend):
         with torch.inference_mode():
             logits, features = self.module(torch.from_numpy(np.ascontiguousarray(images)))
         return logits.numpy(), features.numpy()
-
-
-def _onnx_card(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    import onnx
-
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:
-        raise CheckpointError(f"ckpt={path} is not a readable ONNX file (truncated or not ONNX: "
-                              f"{type(e).__name__})") from None
-    meta = {p.key: p.value for p in model.metadata_props}
-    return _parse_card(path, meta.get(deploy.CARD_KEY), meta.get(deploy.FC_KEY))
-
-
-def _pt2_module(path: Path) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any]]:
-    extra = {f"{deploy.CARD_KEY}.json": "", f"{deploy.FC_KEY}.json": ""}
-    try:
-        program = torch.export.load(str(path), extra_files=extra)
-    except Exception as e:
-        raise CheckpointError(f"ckpt={path} is not a readable torch.export file (truncated or not a .pt2: "
-                              f"{type(e).__name__})") from None
-    card, fc = _parse_card(path, extra[f"{deploy.CARD_KEY}.json"] or None, extra[f"{deploy.FC_KEY}.json"] or None)
-    return program.module(), card, fc
-
-
-def _parse_card(path: Path, card_text: str | None, fc_text: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    if not card_text or not fc_text:
-        raise CheckpointError(f"ckpt={path} was not exported by cifar-cam (no '{deploy.CARD_KEY}' model card in it); "
-                              "export one with `cifar-cam export ckpt=<run>`")
-    try:
-        card, fc = json.loads(card_text), json.loads(fc_text)
-    except ValueError:
-        raise CheckpointError(f"ckpt={path}: its cifar-cam model card is not valid JSON") from None
-    if card.get("format_version") != deploy.FORMAT_VERSION:
-        raise CheckpointError(f"ckpt={path}: model card format {card.get('format_version')} is not the "
-                              f"{deploy.FORMAT_VERSION} this cifar-cam reads; export it again")
-    return card, fc
 
 
 class Predictor:
@@ -191,16 +150,21 @@ class Predictor:
             backend = _TorchBackend(model, dev, resolve_precision(precision, dev))
             return cls(backend, payload["classes"], size, deploy.classifier_of(model)["weight"], str(payload["path"]),
                        "torch", batch_size, {"classes": list(payload["classes"]), "image_size": size})
+        if p.suffix not in (".onnx", ".pt2"):
+            raise CheckpointError(f"ckpt={p}: unknown model format '{p.suffix}'; cifar-cam reads a train run dir, "
+                                  f"{', '.join(SUFFIXES)}")
+        from cifar_cam.export import load_pt2, read_card, read_classifier
+
+        card, fc = read_card(p), read_classifier(p)  # one line for a foreign, truncated or old file
         if p.suffix == ".onnx":
-            card, fc = _onnx_card(p)
-            return cls(_OnnxBackend(p, threads), card["classes"], card["image_size"], np.asarray(fc["weight"]),
-                       str(p), "onnx", batch_size, card)
-        if p.suffix == ".pt2":
-            module, card, fc = _pt2_module(p)
-            return cls(_ExportedBackend(module), card["classes"], card["image_size"], np.asarray(fc["weight"]),
-                       str(p), "pt2", batch_size, card)
-        raise CheckpointError(f"ckpt={p}: unknown model format '{p.suffix}'; cifar-cam reads a train run dir, "
-                              f"{', '.join(SUFFIXES)}")
+            backend: _Backend = _OnnxBackend(p, threads)
+        else:
+            try:
+                backend = _ExportedBackend(load_pt2(p))
+            except Exception as e:
+                raise CheckpointError(f"ckpt={p} is not a loadable torch.export file ({type(e).__name__})") from None
+        return cls(backend, card["classes"], card["image_size"], np.asarray(fc["weight"]), str(p),
+                   p.suffix[1:], batch_size, card)
 
     # -- images ------------------------------------------------------------------------------------
     def prepare(self, images: np.ndarray | Sequence[np.ndarray | str | Path], max_pixels: int | None = None

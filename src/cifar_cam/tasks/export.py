@@ -30,6 +30,7 @@ from cifar_cam.config import image_size
 from cifar_cam.data import CIFAR10_MEAN, CIFAR10_STD, DataSplits
 from cifar_cam.errors import CifarCamError, DataError
 from cifar_cam.io import atomic_path
+from cifar_cam.predictor import Predictor
 from cifar_cam.tasks.common import (
     check_classes,
     checkpoint_and_config,
@@ -124,14 +125,11 @@ class Reference:
         return float((logits.argmax(1) == self.labels).mean()) if len(self.labels) else 0.0
 
 
-def onnx_logits(path: Path, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """onnxruntime's (CPUExecutionProvider) logits of the file at `path`."""
-    return ex.run_onnx(ex.onnx_session(path, torch.get_num_threads()), images, batch_size, features=False)[0]
+def file_logits(path: Path, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """The logits of the exported file at `path` as every user gets them: through the Predictor
+    (onnxruntime's CPUExecutionProvider for .onnx, torch.export.load for .pt2)."""
+    return Predictor.load(path, batch_size=batch_size, threads=torch.get_num_threads()).logits(images)
 
-
-def pt2_logits(path: Path, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """The logits of the .pt2 at `path`, loaded back (torch.export.load)."""
-    return ex.run_torch(ex.load_pt2(path), images, batch_size, features=False)[0]
 
 
 def checker(fmt: str, reference: Reference, tolerance: float, results: dict[str, Any],
@@ -239,9 +237,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             temps[fmt] = stack.enter_context(atomic_path(out / FILES[fmt], suffix=Path(FILES[fmt]).suffix))
             start = time.perf_counter()
             if fmt == "onnx":
-                ex.to_onnx(model, temps[fmt], size, card, fc, opset=int(e.opset), check=check_for(fmt, onnx_logits))
+                ex.to_onnx(model, temps[fmt], size, card, fc, opset=int(e.opset), check=check_for(fmt, file_logits))
             else:
-                ex.to_pt2(model, temps[fmt], size, card, fc, check=check_for(fmt, pt2_logits))
+                ex.to_pt2(model, temps[fmt], size, card, fc, check=check_for(fmt, file_logits))
             record[fmt] = {"seconds": round(time.perf_counter() - start, 3)}
         if e.quantize == "int8":
             assert splits is not None and reference is not None  # _load made sure
@@ -304,8 +302,8 @@ def quantize_report(model: torch.nn.Module, temps: dict[str, Path], reference: R
     threads = torch.get_num_threads()
     fp32 = ex.onnx_session(temps["onnx"], threads)
     int8 = ex.onnx_session(temps["int8"], threads)
-    fp32_logits = ex.run_onnx(fp32, reference.images, reference.batch_size, features=False)[0]
-    int8_logits = ex.run_onnx(int8, reference.images, reference.batch_size, features=False)[0]
+    fp32_logits = file_logits(temps["onnx"], reference.images, reference.batch_size)
+    int8_logits = file_logits(temps["int8"], reference.images, reference.batch_size)
     accuracy = {"images": len(reference.labels), "eager": reference.accuracy(reference.logits),
                 "onnx": reference.accuracy(fp32_logits), "int8": reference.accuracy(int8_logits)}
     agreement = ex.compare_logits(fp32_logits, int8_logits)
