@@ -12,7 +12,6 @@ on; compare the ratios, which are measured in the same run, not absolute figures
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tarfile
 import tempfile
@@ -29,20 +28,11 @@ from cifar_cam import deploy  # noqa: E402
 from cifar_cam.export import quantize_int8, to_onnx  # noqa: E402
 from cifar_cam.inputs import find_inputs  # noqa: E402
 from cifar_cam.models import build_model  # noqa: E402
-from cifar_cam.predictor import Predictor, _TorchBackend  # noqa: E402
+from cifar_cam.predictor import Predictor  # noqa: E402
+from cifar_cam.provenance import cpu_model  # noqa: E402
 from cifar_cam.tasks.predict import decoded_batches  # noqa: E402
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def test_folder(archive: Path, into: Path, limit: int | None) -> Path:
@@ -75,7 +65,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--limit", type=int, default=None, help="only the first N test images")
     args = parser.parse_args()
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}")
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = test_folder(Path(args.data), Path(tmp), args.limit)
         inputs = find_inputs(str(folder))
@@ -84,9 +74,7 @@ def main() -> None:
         for width in (int(w) for w in args.widths.split(",")):
             torch.manual_seed(0)
             model = build_model("resnet18", num_classes=10, width=width).eval()
-            torch_predictor = Predictor(_TorchBackend(model, torch.device("cpu"), None), CLASSES, 32,
-                                        np.asarray(deploy.classifier_of(model)["weight"]), "bench", "torch",
-                                        args.batch)
+            torch_predictor = Predictor.from_model(model, CLASSES, 32, args.batch)
             decoded = torch_predictor.prepare([i.path for i in inputs])
             card = {"format_version": deploy.FORMAT_VERSION, "classes": CLASSES, "image_size": 32}
             onnx_path = to_onnx(model, Path(tmp) / f"w{width}.onnx", 32, card)

@@ -127,6 +127,28 @@ def test_cam_from_onnx_features_and_the_card_equals_gradcam_at_layer4(exported: 
     assert cam.shape == (16, 32, 32) and np.abs(cam - expected.numpy()).max() <= 1e-5
 
 
+def test_int8_calibration_images_are_training_images(trained_run: Path, tmp_path: Path, test_set: tuple,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+    real = export_task.ex.quantize_int8
+
+    def spy(onnx_path, out_path, calibration_images, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen["images"] = np.asarray(calibration_images).copy()
+        return real(onnx_path, out_path, calibration_images, *args, **kwargs)
+
+    monkeypatch.setattr(export_task.ex, "quantize_int8", spy)
+    cfg = compose_cfg("export", [f"ckpt={trained_run}", "export.formats=[onnx]", "export.quantize=int8",
+                                 "export.calibration_images=16", "export.check_images=8"], run_dir=tmp_path / "run")
+    export_task.export(cfg)
+    payload = load_checkpoint(trained_run)
+    splits = load_data(OmegaConf.create(payload["config"]))
+    train = {im.tobytes() for im in splits.train.images}
+    test = {im.tobytes() for im in test_set[0]}
+    assert len(seen["images"]) == 16
+    assert all(im.tobytes() in train and im.tobytes() not in test for im in seen["images"])
+    assert read_card(tmp_path / "run" / "model.int8.onnx")["checked"] is False  # int8 has no pass/fail check
+
+
 def test_int8_is_calibrated_on_train_and_measured_beside_fp32(exported: Path, test_set: tuple) -> None:
     report = json.loads((exported / "export.json").read_text())
     q = report["quantize"]

@@ -16,7 +16,7 @@ from cifar_cam import Predictor, load_model
 from cifar_cam.cam import GradCAM
 from cifar_cam.cli import main
 from cifar_cam.data import Normalizer, build_splits
-from cifar_cam.errors import CheckpointError, ConfigError
+from cifar_cam.errors import CheckpointError, ConfigError, DataError
 from cifar_cam.inputs import find_inputs
 from cifar_cam.tasks.predict import SomeInputsFailed, predict
 from conftest import compose_cfg
@@ -133,21 +133,32 @@ def test_inputs_lists_globs_archives_and_odd_names(tmp_path: Path, test_images: 
     assert len(found) == 8 and found[4].path.startswith(str(tmp_path / "more.tar.gz") + ":set/")
     assert found[4].folder in classes and len(found[4].read()) > 0
     assert len(find_inputs(str(root / "*" / "*.png"))) == 4
-    with pytest.raises(Exception, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist") as e:
         find_inputs(str(tmp_path / "nope"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(Exception, match="no image found"):
+    assert e.value.exit_code == 2
+    (tmp_path / "empty" / ".ipynb_checkpoints").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "empty" / ".ipynb_checkpoints" / "x.png"), images[0])  # hidden: skipped
+    (tmp_path / "empty" / "._y.jpg").write_bytes(b"AppleDouble")
+    with pytest.raises(DataError, match="no image found"):
         find_inputs(str(tmp_path / "empty"))
+    (tmp_path / "cut.tar.gz").write_bytes((tmp_path / "more.tar.gz").read_bytes()[:200])
+    with pytest.raises(DataError, match="is not a readable .tar.gz"):
+        find_inputs(str(tmp_path / "cut.tar.gz"))
 
 
 @pytest.mark.parametrize("args, needle", [
     (["inputs=/does/not/exist"], "inputs=/does/not/exist does not exist"),
     (["ckpt=model.tflite", "inputs=."], "unknown model format '.tflite'"),
     (["predict.topk=0", "inputs=."], "predict.topk must be an integer >= 1"),
+    (["ckpt=foreign.onnx", "inputs=."], "was not exported by cifar-cam"),
+    (["ckpt=foreign.onnx", "inputs=.", "predict.cam=true", "predict.layer=layer3"], "gives CAM at layer4 only"),
+    (["inputs=empty"], "no image found"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args: list[str], needle: str, trained_run: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     Path("model.tflite").write_bytes(b"x")
+    Path("empty").mkdir()
+    _foreign_onnx(Path("foreign.onnx"))
     ckpt = [] if any(a.startswith("ckpt=") for a in args) else [f"ckpt={trained_run}"]
     with pytest.raises(SystemExit) as e:
         main(["predict", *ckpt, *args, f"hydra.run.dir={tmp_path / 'run'}"])
@@ -155,14 +166,18 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], needle: str, trained_
     assert e.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_a_foreign_or_truncated_model_is_refused(tmp_path: Path, trained_run: Path) -> None:
+def _foreign_onnx(path: Path) -> None:
     import onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
-    onnx.save(helper.make_model(graph), str(tmp_path / "foreign.onnx"))
+    onnx.save(helper.make_model(graph), str(path))
+
+
+def test_a_foreign_or_truncated_model_is_refused(tmp_path: Path, trained_run: Path) -> None:
+    _foreign_onnx(tmp_path / "foreign.onnx")
     with pytest.raises(CheckpointError, match="was not exported by cifar-cam"):
         Predictor.load(tmp_path / "foreign.onnx")
     (tmp_path / "cut.onnx").write_bytes((tmp_path / "foreign.onnx").read_bytes()[:20])

@@ -186,15 +186,16 @@ def precheck(command: str, overrides: list[str], machine: bool = True) -> Any:
             validate(cfg, command)  # torch is imported only past this line: bad keys are refused in ~1 s
             if not machine:
                 continue
+            if command == "predict":  # before torch loads: the model file and the inputs exist
+                from cifar_cam.inputs import check_inputs, check_model_file
+
+                check_model_file(cfg.ckpt, cfg.predict.layer if cfg.predict.cam else None)
+                check_inputs(cfg.inputs)
             from cifar_cam.data import check_root
             from cifar_cam.engine import resolve_device
 
             resolve_device(cfg.trainer.device)
-            if command == "predict":
-                from cifar_cam.inputs import check_inputs
-
-                check_inputs(cfg.inputs)
-            elif command != "export" and cfg.data.source == "folder" and ("root", str(cfg.data.root)) not in checked:
+            if command != "export" and cfg.data.source == "folder" and ("root", str(cfg.data.root)) not in checked:
                 # (export reports unreachable data itself: export.check=false exports without it)
                 check_root(cfg.data.root)
                 checked.add(("root", str(cfg.data.root)))

@@ -241,8 +241,8 @@ def _validate_predict(c: DictConfig, command: str) -> None:
         return
     if OmegaConf.is_missing(c, "inputs"):
         raise ConfigError("predict needs inputs=...: an image, a folder, a .tar.gz, a glob, or a list [a.png,dir/]")
-    _check(c, "inputs", lambda v: (isinstance(v, str) and v != "") or (OmegaConf.is_list(v) and len(v) > 0),
-           "a path, a glob, or a non-empty list of them")
+    _check(c, "inputs", lambda v: (isinstance(v, str | int | float) and str(v) != "")  # inputs=2024: a folder
+           or (OmegaConf.is_list(v) and len(v) > 0), "a path, a glob, or a non-empty list of them")
     _check(c, "predict.topk", _int_at_least(1), "an integer >= 1")
     _check(c, "predict.batch_size", _int_at_least(1), "an integer >= 1")
     _check(c, "predict.cam", _is_bool, "true or false")

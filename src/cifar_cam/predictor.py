@@ -25,10 +25,12 @@ import torch
 
 from cifar_cam import deploy
 from cifar_cam.errors import CheckpointError, ConfigError
+from cifar_cam.inputs import MODEL_SUFFIXES
 
 log = logging.getLogger("cifar_cam")
 
-SUFFIXES = (".pt", ".onnx", ".pt2")
+SUFFIXES = MODEL_SUFFIXES
+MAX_PIXELS = 40_000_000  # predict.max_pixels' default: a larger image file is refused from its header
 LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
 
@@ -121,16 +123,27 @@ class Predictor:
     """
 
     def __init__(self, backend: _Backend, classes: Sequence[str], image_size: int, fc_weight: np.ndarray,
-                 source: str, kind: str, batch_size: int = 256, card: dict[str, Any] | None = None) -> None:
+                 source: str, kind: str, batch_size: int = 256, card: dict[str, Any] | None = None,
+                 max_pixels: int | None = MAX_PIXELS) -> None:
         self.backend, self.classes, self.image_size = backend, list(classes), int(image_size)
         self.fc_weight, self.source, self.kind, self.batch_size = fc_weight, source, kind, int(batch_size)
-        self.card = card or {}
+        self.card, self.max_pixels = card or {}, max_pixels
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, classes: Sequence[str], image_size: int = 32,
+                   batch_size: int = 256) -> Predictor:
+        """A Predictor around an eager model already in memory (CPU, fp32): notebooks, benchmarks."""
+        backend = _TorchBackend(model.eval(), torch.device("cpu"), None)
+        return cls(backend, classes, image_size, deploy.classifier_of(model)["weight"], "in memory", "torch",
+                   batch_size)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 256,
-             precision: str = "fp32", threads: int | None = None) -> Predictor:
+             precision: str = "fp32", threads: int | None = None, max_pixels: int | None = MAX_PIXELS
+             ) -> Predictor:
         """The model at `path` (run dir, .pt, .onnx, .pt2); `device` and `precision` apply to PyTorch (.pt);
-        raises CheckpointError (one line) for anything else."""
+        image files over `max_pixels` are refused from their header; raises CheckpointError (one line) for
+        anything else."""
         from cifar_cam.config import image_size
 
         p = Path(path).expanduser()
@@ -143,13 +156,13 @@ class Predictor:
 
             payload = cached_checkpoint(p, "best")
             dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
-            model = model_from_checkpoint(payload).to(dev).eval()
+            model = model_from_checkpoint(payload).to(dev, memory_format=torch.channels_last).eval()  # as eval
             from omegaconf import OmegaConf
 
             size = image_size(OmegaConf.create(payload["config"]))
             backend = _TorchBackend(model, dev, resolve_precision(precision, dev))
             return cls(backend, payload["classes"], size, deploy.classifier_of(model)["weight"], str(payload["path"]),
-                       "torch", batch_size, {"classes": list(payload["classes"]), "image_size": size})
+                       "torch", batch_size, {"classes": list(payload["classes"]), "image_size": size}, max_pixels)
         if p.suffix not in (".onnx", ".pt2"):
             raise CheckpointError(f"ckpt={p}: unknown model format '{p.suffix}'; cifar-cam reads a train run dir, "
                                   f"{', '.join(SUFFIXES)}")
@@ -164,11 +177,10 @@ class Predictor:
             except Exception as e:
                 raise CheckpointError(f"ckpt={p} is not a loadable torch.export file ({type(e).__name__})") from None
         return cls(backend, card["classes"], card["image_size"], np.asarray(fc["weight"]), str(p),
-                   p.suffix[1:], batch_size, card)
+                   p.suffix[1:], batch_size, card, max_pixels)
 
     # -- images ------------------------------------------------------------------------------------
-    def prepare(self, images: np.ndarray | Sequence[np.ndarray | str | Path], max_pixels: int | None = None
-                ) -> np.ndarray:
+    def prepare(self, images: np.ndarray | Sequence[np.ndarray | str | Path]) -> np.ndarray:
         """uint8 (N, S, S, 3) at the model's size from uint8 RGB arrays (N, H, W, 3) / a list of (H, W, 3)
         arrays of any size, or file paths (decoded as `data=folder` decodes)."""
         from cifar_cam.images import decode_rgb, resize_rgb
@@ -183,7 +195,7 @@ class Predictor:
         out = np.empty((len(images), s, s, 3), np.uint8)
         for i, item in enumerate(images):
             if isinstance(item, str | Path):
-                out[i] = decode_rgb(Path(item).read_bytes(), str(item), s, max_pixels=max_pixels)
+                out[i] = decode_rgb(Path(item).read_bytes(), str(item), s, max_pixels=self.max_pixels)
             else:
                 array = np.asarray(item)
                 if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:

@@ -3,17 +3,18 @@
 Writes predictions.csv and predictions.json (per image: path, status, top-k classes and
 probabilities; the true class where the image sits in a folder named after one of the model's
 classes), and with `predict.cam=true` an overlay PNG per image and a contact sheet. Images are read
-in sorted order (a .tar.gz in its own order) and decoded in a background thread one batch ahead of
-the forward pass, so at most two batches are decoded at once, however many images there are. An
+in sorted order (a .tar.gz in its own order) by one thread and decoded by a small pool one batch
+ahead of the forward pass: memory holds about three batches (one being read, one queued, one being
+predicted), however many images there are. An
 unreadable image is one line and one CSV row marked `error: ...`; the others are still predicted,
 and the command exits 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
-import tarfile
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -52,14 +53,15 @@ class Batch:
 
 def decoded_batches(inputs: list[Input], batch_size: int, size: int, max_pixels: int, threads: int
                     ) -> Iterator[Batch]:
-    """Batches decoded in a background thread, one batch ahead of the consumer (memory: two batches)."""
+    """Batches read (in order, one thread) and decoded (a pool) one batch ahead of the consumer; memory: about
+    three batches. Close the generator (contextlib.closing) to stop the thread early."""
     ready: queue.Queue[Batch | BaseException | None] = queue.Queue(maxsize=1)
     stop = threading.Event()
 
     def read(item: Input) -> bytes | str:
         try:
             return item.read()
-        except (DataError, tarfile.TarError) as e:
+        except DataError as e:
             return str(e)
         except OSError as e:
             return f"cannot read {item.path}: {e.strerror or e}"
@@ -117,7 +119,7 @@ def predict(cfg: DictConfig) -> float:
 
         torch.set_num_threads(threads)
     predictor = Predictor.load(cfg.ckpt, device=cfg.trainer.device, batch_size=p.batch_size,
-                               precision=cfg.trainer.precision, threads=threads)
+                               precision=cfg.trainer.precision, threads=threads, max_pixels=p.max_pixels)
     if p.cam and p.layer not in predictor.backend.layers:
         from cifar_cam.errors import ConfigError
 
@@ -132,12 +134,13 @@ def predict(cfg: DictConfig) -> float:
     cam_dir = out / "cam"
     batches = decoded_batches(inputs, int(p.batch_size), predictor.image_size, int(p.max_pixels),
                               max(1, min(4, cores())))
-    with Bars("predict", len(inputs)) as bars:
+    with contextlib.closing(batches), Bars("predict", len(inputs)) as bars:  # closing: the thread ends on errors
         bars.start_inner("images", len(inputs), images_per_step=1)
         done = 0
         for batch in batches:
             results = predictor.top(predictor.logits(batch.pixels), k) if batch.ok else []
-            maps = predictor.cam(batch.pixels, p.layer) if p.cam and batch.ok else None
+            maps = (predictor.cam(batch.pixels, p.layer, targets=[r.indices[0] for r in results])
+                    if p.cam and batch.ok else None)
             by_position = dict(zip(batch.ok, range(len(batch.ok)), strict=True))
             for i, item in enumerate(batch.inputs):
                 truth = item.folder if item.folder in classes else None
@@ -164,7 +167,8 @@ def predict(cfg: DictConfig) -> float:
                                           + (f"\ntrue {truth}" if truth else "")))
                 if truth is not None:
                     row["true"] = truth
-                    row["correct"] = row["status"] == "ok" and row["classes"][0] == truth
+                    if row["status"] == "ok":  # an unreadable image is neither right nor wrong
+                        row["correct"] = row["classes"][0] == truth
                 rows.append(row)
             done += len(batch.inputs)
             bars.update_inner(done, f"{len(failed)} failed" if failed else "")
@@ -181,7 +185,7 @@ def _write(out: Path, rows: list[dict[str, Any]], k: int, predictor: Predictor,
     has_truth = any("true" in r for r in rows)
     fields = ["path", "status", *(f for i in range(1, k + 1) for f in (f"top{i}", f"p{i}"))]
     fields += ["true", "correct"] if has_truth else []
-    fields += ["cam"] if sheet else []
+    fields += ["cam"] if any("cam" in r for r in rows) else []
     flat = []
     for r in rows:
         f = {"path": r["path"], "status": r["status"], "true": r.get("true", ""), "cam": r.get("cam", "")}
