@@ -40,7 +40,7 @@ def test_every_group_choice_composes_and_validates(command: str, group: str) -> 
     name = COMMANDS[command][0]
     for choice in _choices(group):
         overrides = [f"{group}={choice}", "data.root=/somewhere"] if group == "data" else [f"{group}={choice}"]
-        if command in ("eval", "gradcam", "predict", "export"):
+        if command in ("eval", "gradcam", "predict", "export", "serve"):
             overrides.append("ckpt=some/run")
         if command == "predict":
             overrides.append("inputs=my_images/")

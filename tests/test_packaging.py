@@ -22,6 +22,8 @@ def test_wheel_ships_every_config(tmp_path: Path) -> None:
     expected = {f"cifar_cam/conf/{p.relative_to(REPO / 'conf')}" for p in (REPO / "conf").rglob("*.yaml")}
     assert expected and expected <= names, sorted(expected - names)
     assert "cifar_cam/cli.py" in names
+    page = {f"cifar_cam/serve/static/{p.name}" for p in (REPO / "src" / "cifar_cam" / "serve" / "static").iterdir()}
+    assert {"cifar_cam/serve/app.py", "cifar_cam/serve/static/index.html"} | page <= names
 
 
 def test_config_dir_holds_the_main_configs() -> None:

@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "eval": ("eval", "cifar_cam.tasks.eval:eval_", "evaluate ckpt=PATH: accuracy, per class, confusion matrix"),
     "gradcam": ("gradcam", "cifar_cam.tasks.gradcam:gradcam", "Grad-CAM heatmaps of misclassified test images"),
     "predict": ("predict", "cifar_cam.tasks.predict:predict", "top-k classes (and CAM) of your own images: inputs=..."),
+    "serve": ("serve", "cifar_cam.tasks.serve:serve", "HTTP API + web page over a model (FastAPI): ckpt=..."),
     "export": ("export", "cifar_cam.tasks.export:export", "ONNX / torch.export (and int8) files, checked vs PyTorch"),
 }
 # Commands that are not Hydra apps (their arguments are paths and flags, not overrides)

@@ -269,9 +269,26 @@ def _validate_export(c: DictConfig, command: str) -> None:
     _check(c, "export.opset", _int_at_least(17), "an integer >= 17")
 
 
+def _validate_serve(c: DictConfig, command: str) -> None:
+    """serve.*."""
+    if command != "serve":
+        return
+    _check(c, "serve.host", lambda v: isinstance(v, str) and v != "", "a host name or address, e.g. 127.0.0.1")
+    _check(c, "serve.port", lambda v: _is_int(v) and 0 <= v <= 65535, "an integer in [0, 65535] (0: any free port)")
+    _check(c, "serve.workers", _int_at_least(1), "an integer >= 1")
+    _check(c, "serve.api_key", lambda v: isinstance(v, str) and v != "", "null or a non-empty string", optional=True)
+    _check(c, "serve.max_batch", _int_at_least(1), "an integer >= 1")
+    _check(c, "serve.max_wait_ms", lambda v: _is_number(v) and v >= 0, "a number of milliseconds >= 0")
+    _check(c, "serve.max_batch_images", _int_at_least(1), "an integer >= 1")
+    _check(c, "serve.max_upload_mb", _positive, "a number > 0")
+    _check(c, "serve.max_pixels", _int_at_least(1), "an integer >= 1")
+    _check(c, "serve.topk", _int_at_least(1), "an integer >= 1")
+    _check(c, "serve.gallery", lambda v: isinstance(v, str) and v != "", "null or a gradcam run dir", optional=True)
+
+
 def _validate_ckpt(c: DictConfig, command: str) -> None:
-    """ckpt: required by eval, gradcam, predict and export."""
-    if command not in ("eval", "gradcam", "predict", "export"):
+    """ckpt: required by eval, gradcam, predict, export and serve."""
+    if command not in ("eval", "gradcam", "predict", "export", "serve"):
         return
     if OmegaConf.is_missing(c, "ckpt"):
         raise ConfigError(f"{command} needs ckpt=PATH: a train run dir (uses its checkpoints/best.pt) or a .pt file"
@@ -296,6 +313,7 @@ SECTION_VALIDATORS: dict[str, Callable[[DictConfig, str], None]] = {
     "ckpt": _validate_ckpt,
     "predict": _validate_predict,
     "export": _validate_export,
+    "serve": _validate_serve,
 }
 
 

@@ -29,6 +29,7 @@ HELP_KEYS: dict[str, tuple[str, ...]] = {
     "gradcam": ("ckpt", "seed", "data", "gradcam", "eval.batch_size", *_RUNTIME),
     "predict": ("ckpt", "inputs", "predict", *_RUNTIME),
     "export": ("ckpt", "data.root", "export", "trainer.device", "trainer.num_threads"),
+    "serve": ("ckpt", "serve", *_RUNTIME),
 }
 # Config groups whose files describe keys (experiment presets and sweeps set keys, they do not define them)
 NOT_DOCUMENTING = {"experiment", "hparams_search", "hydra"}

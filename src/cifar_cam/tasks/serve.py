@@ -1,0 +1,110 @@
+"""`cifar-cam serve ckpt=<run | .pt | .onnx | .pt2>`: the HTTP API and page (FastAPI + uvicorn).
+
+Binds serve.host:serve.port (127.0.0.1:8000; port 0 picks a free one, logged), logs the URL (a warning
+when the host is not loopback: the network can reach it), and serves until Ctrl-C / SIGTERM, which finish
+the requests in flight (at most 5 s) and exit 0. serve.workers > 1 runs that many processes over one
+socket, each loading the model through `cifar_cam.serve.app:factory`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import ipaddress
+import logging
+import os
+import signal
+from typing import Any
+
+from omegaconf import DictConfig
+
+from cifar_cam.errors import CifarCamError
+from cifar_cam.serve.app import ENV, Settings, bind, create_app, load_predictor, spec_json, url_of
+from cifar_cam.tasks.common import resolve_num_threads, seed_everything
+
+log = logging.getLogger("cifar_cam.serve")
+GRACE_S = 5
+
+
+class ServeError(CifarCamError):
+    """The server could not start (the port is taken, the host is not ours)."""
+
+    exit_code = 1
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but a stop asked for by SIGINT / SIGTERM is a clean exit (0): uvicorn would raise
+        the signal again once it has shut down."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:
+                log.info("stopping (%s): finishing the requests in flight (at most %d s)",
+                         signal.Signals(sig).name, GRACE_S)
+            super().handle_exit(sig, frame)
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
+    return Server
+
+
+def serve(cfg: DictConfig) -> None:
+    """Serves cfg.ckpt until Ctrl-C / SIGTERM."""
+    import uvicorn
+
+    s = cfg.serve
+    seed_everything(cfg.seed)
+    threads = resolve_num_threads(cfg.trainer.get("num_threads", "auto"))
+    settings = Settings.from_cfg(s)
+    workers = int(s.workers)
+    host, port = str(s.host), int(s.port)
+    spec = spec_json(str(cfg.ckpt), str(cfg.trainer.device), str(cfg.trainer.precision), threads, settings,
+                     batch_size=max(int(settings.max_batch), int(settings.max_batch_images)))
+    import json
+
+    predictor = load_predictor(json.loads(spec))  # one line (exit 2) for a bad ckpt, before binding anything
+    try:
+        sock = bind(host, port)
+    except OSError as e:
+        raise ServeError(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another serve.port "
+                         "(0: any free port) or serve.host") from None
+    url = url_of(sock)
+    common: dict[str, Any] = {"log_config": None, "access_log": False, "lifespan": "on", "server_header": False,
+                              "timeout_graceful_shutdown": GRACE_S}
+    log.info("model: %s (%s, %d classes, %d px)", predictor.source, predictor.kind, len(predictor.classes),
+             predictor.image_size)
+    if workers > 1:
+        del predictor  # each worker loads its own
+        os.environ[ENV] = spec
+        config = uvicorn.Config("cifar_cam.serve.app:factory", factory=True, workers=workers, **common)
+    else:
+        config = uvicorn.Config(create_app(predictor, settings), **common)
+    log.info("serving at %s (API docs: %s/docs; %d worker%s; Ctrl-C to stop)", url, url, workers,
+             "s" if workers > 1 else "")
+    if not is_loopback(host):
+        log.warning("serve.host=%s is not loopback: other machines can reach this server%s", host,
+                    "" if settings.api_key else " (and serve.api_key is not set)")
+    try:
+        if workers > 1:
+            from uvicorn.supervisors import Multiprocess
+
+            if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn < 0.30
+                Multiprocess(config, target=_server_class()(config).run, sockets=[sock]).run()
+            else:
+                Multiprocess(config, sockets=[sock]).run()  # returns (0) once its workers stopped
+        else:
+            _server_class()(config).run(sockets=[sock])
+    finally:
+        sock.close()
+    log.info("stopped")
