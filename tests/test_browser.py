@@ -235,3 +235,68 @@ def test_page_works_from_the_keyboard(base_url: str, browser: webdriver.Chrome) 
     drop.send_keys(Keys.ENTER)
     drop.send_keys(Keys.SPACE)
     assert browser.execute_script("return window.picks") == 2
+
+
+# -- serve.gallery and serve.api_key -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def keyed_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The app with serve.api_key and serve.gallery (a small gradcam run dir), on another loopback port."""
+    from cifar_cam.predictor import Predictor
+    from cifar_cam.serve.app import Settings, create_app, running
+    from test_serve import make_gallery
+
+    root = make_gallery(tmp_path_factory.mktemp("gallery") / "run")
+    settings = Settings(api_key="s3cret", gallery=str(root))
+    with running(create_app(Predictor.load(request.getfixturevalue("trained_run")), settings),
+                 log_level="warning") as (url, _):
+        yield url
+
+
+def test_page_asks_for_the_api_key_then_shows_the_gallery(keyed_url: str, browser: webdriver.Chrome,
+                                                           tmp_path: Path) -> None:
+    browser.get(keyed_url + "/")  # the page and its assets load without the key
+    _wait(browser, "return !document.getElementById('key-form').hidden", "the API key field")
+    assert "error" in browser.find_element(By.ID, "status").get_attribute("class")
+    assert browser.find_element(By.ID, "gallery-section").is_displayed() is False
+    key = browser.find_element(By.ID, "api-key")
+    assert browser.execute_script("return document.activeElement.id") == "api-key"
+    key.send_keys("wrong", Keys.ENTER)
+    _wait(browser, "return document.getElementById('status').textContent.includes('refused')", "the refusal")
+    key.clear()
+    key.send_keys("s3cret", Keys.ENTER)
+    _wait(browser, "return document.getElementById('key-form').hidden", "the key to be accepted")
+    _wait(browser, "return !document.getElementById('gallery-section').hidden", "the gallery")
+    assert "Model's mistakes" in browser.find_element(By.ID, "h-gallery").text
+    buttons = browser.find_elements(By.CSS_SELECTOR, "#gallery button")
+    assert [b.get_attribute("data-rank") for b in buttons] == ["1", "2", "0"]  # most confident first
+    _wait(browser, "return [...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)",
+          "the thumbnails")
+    buttons[0].click()
+    shown = ("return [...document.querySelectorAll('#mistake-images img')].length === 2 && "
+             "[...document.querySelectorAll('#mistake-images img')].every(i => i.complete && i.naturalWidth > 0)"
+             " && !document.getElementById('mistake').hidden")
+    _wait(browser, shown, "the selected mistake")
+    caption = browser.find_element(By.ID, "mistake-caption").text
+    assert "true cat" in caption and "predicted dog1" in caption and "93.0%" in caption, caption
+    assert buttons[0].get_attribute("aria-pressed") == "true"
+    big = browser.execute_script("return document.querySelector('#mistake-images img').getBoundingClientRect().width")
+    assert big > 150
+    # from the keyboard: focus the third thumbnail, Enter
+    browser.execute_script("arguments[0].focus()", buttons[2])
+    ActionChains(browser).send_keys(Keys.ENTER).perform()
+    _wait(browser, "return document.getElementById('mistake-caption').textContent.includes('dog0')", "mistake #0")
+    _wait(browser, shown, "mistake #0's images")
+    assert buttons[2].get_attribute("aria-pressed") == "true" and buttons[0].get_attribute("aria-pressed") == "false"
+    # the key goes with uploads as well
+    image = _test_png(tmp_path / "square.png")
+    _upload(browser, image)
+    _wait(browser, OVERLAY_DRAWN, "the overlay, with the key")
+    assert "error" not in browser.find_element(By.ID, "status").get_attribute("class")
+
+
+def test_page_hides_the_gallery_without_one(base_url: str, browser: webdriver.Chrome) -> None:
+    _open_page(browser, base_url)
+    _wait(browser, "return performance.getEntriesByType('resource').some(e => e.name.endsWith('/v1/gallery'))",
+          "the page to ask for the gallery")  # 404 here: no serve.gallery
+    assert browser.find_element(By.ID, "gallery-section").is_displayed() is False
+    assert browser.find_element(By.ID, "key-form").is_displayed() is False

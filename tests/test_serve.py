@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import re
 import signal
@@ -276,17 +277,124 @@ def test_not_found_and_wrong_method_are_json(served: Served) -> None:
 
 
 def test_api_key(trained_run: Path) -> None:
+    """With serve.api_key every /v1/* request needs X-API-Key; the page, its assets, /docs, /openapi.json and
+    /healthz do not (they hold no secret, and the page must load to ask for the key)."""
     predictor = Predictor.load(trained_run)
     with running(create_app(predictor, Settings(api_key="s3cret", max_wait_ms=0))) as (url, _), \
             httpx.Client(base_url=url) as c:
-        assert c.get("/healthz").status_code == 200
-        for path in ("/v1/model", "/docs", "/", "/openapi.json"):
+        for path in ("/healthz", "/", "/static/app.js", "/static/style.css", "/docs", "/openapi.json",
+                     "/static/swagger/swagger-ui-bundle.js"):
+            assert c.get(path).status_code == 200, path
+        assert 'id="api-key"' in c.get("/").text
+        for path in ("/v1/model", "/v1/gallery", "/v1/gallery/0/layer4.png", "/v1/nothing", "/elsewhere",
+                     "/static/../v1/model"):
             r = c.get(path)
-            assert r.status_code == 401 and "X-API-Key" in detail(r)
+            assert r.status_code == 401 and "X-API-Key" in detail(r), path
+        for path in ("/v1/predict", "/v1/predict/batch"):
+            r = c.post(path, content=png())
+            assert r.status_code == 401 and "missing" in detail(r), path
         r = c.post("/v1/predict", content=png(), headers={"X-API-Key": "wrong"})
         assert r.status_code == 401 and "wrong" in detail(r)
         r = c.post("/v1/predict", content=png(), headers={"X-API-Key": "s3cret"})
         assert r.status_code == 200 and r.json()["classes"]
+        assert c.get("/v1/model", headers={"X-API-Key": "s3cret"}).status_code == 200
+        r = c.get("/v1/gallery", headers={"X-API-Key": "s3cret"})  # past the key: no gallery configured
+        assert r.status_code == 404 and "serve.gallery" in detail(r)
+
+
+# -- the gallery (serve.gallery) -------------------------------------------------------------------
+def make_gallery(root: Path) -> Path:
+    """A gradcam run dir as `cifar-cam gradcam` writes it: gradcam.json and gradcam/NNN_<layer>.png (the
+    entries out of confidence order; one names a file outside the dir, one a file that is missing)."""
+    (root / "gradcam").mkdir(parents=True)
+    (root.parent / "secret.png").write_bytes(png(seed=99))
+    confidences = [0.61, 0.93, 0.75]
+    images = []
+    for rank, conf in enumerate(confidences):
+        files = {}
+        for layer in ("layer3", "layer4"):
+            rel = f"gradcam/{rank:03d}_{layer}.png"
+            (root / rel).write_bytes(png((40, 30), seed=10 * rank + int(layer[-1])))
+            files[layer] = rel
+        images.append({"rank": rank, "test_row": 100 + rank, "true": "cat", "true_label": 3, "pred": f"dog{rank}",
+                       "pred_label": 5, "confidence": conf, "explained": f"dog{rank}", "files": files})
+    images.append({"rank": 3, "test_row": 7, "true": "cat", "true_label": 3, "pred": "car", "pred_label": 1,
+                   "confidence": 0.99, "explained": "car", "files": {"layer4": "../secret.png",
+                                                                      "layer3": "gradcam/missing.png"}})
+    (root / "gradcam.json").write_text(json.dumps({"method": "gradcam", "images": images}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def gallery_served(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path]]:
+    root = make_gallery(tmp_path_factory.mktemp("gallery") / "run")
+    app = create_app(Predictor.load(trained_run), Settings(gallery=str(root), max_wait_ms=0))
+    with running(app) as (url, _), httpx.Client(base_url=url, timeout=30) as c:
+        yield c, root
+
+
+def test_gallery_lists_the_mistakes_most_confident_first(gallery_served: tuple[Any, Path]) -> None:
+    c, root = gallery_served
+    r = c.get("/v1/gallery")
+    assert r.status_code == 200, r.text
+    items = r.json()
+    assert [m["rank"] for m in items] == [1, 2, 0]  # rank 3's files are outside the dir or missing: left out
+    assert [m["confidence"] for m in items] == [0.93, 0.75, 0.61]
+    first = items[0]
+    assert (first["true"], first["pred"], first["test_row"], first["explained"]) == ("cat", "dog1", 101, "dog1")
+    assert first["images"] == {"layer3": "/v1/gallery/1/layer3.png", "layer4": "/v1/gallery/1/layer4.png"}
+    for m in items:
+        for layer, url in m["images"].items():
+            got = c.get(url)
+            assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+            assert got.content == (root / f"gradcam/{m['rank']:03d}_{layer}.png").read_bytes()
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/gallery/9/layer4.png", "/v1/gallery/1/layer9.png", "/v1/gallery/3/layer4.png", "/v1/gallery/3/layer3.png",
+    "/v1/gallery/..%2f..%2fetc/passwd.png", "/v1/gallery/%2e%2e/layer4.png", "/v1/gallery/..%2fx/layer4.png",
+    "/v1/gallery/1/..%2f..%2f..%2fsecret.png", "/v1/gallery/1/%2e%2e%2fgradcam.json.png",
+    "/v1/gallery/1/%2Fetc%2Fpasswd.png", "/v1/gallery/01/layer4.png",
+], ids=["rank", "layer", "outside", "missing", "traversal", "dotdot-rank", "dotdot-x", "dotdot-layer",
+        "json", "absolute", "leading-zero"])
+def test_gallery_unknown_or_traversal_is_404(gallery_served: tuple[Any, Path], path: str) -> None:
+    c, _ = gallery_served
+    # raw HTTP: the client must not resolve the dots or re-encode the path before the server sees it
+    status, text = raw_request(c.base_url.__str__().rstrip("/"), f"GET {path} HTTP/1.1\r\nHost: x\r\n")
+    assert status == 404, (path, text)
+    body = json.loads(text)
+    assert isinstance(body["detail"], str) and "root:" not in text and "PNG" not in text
+
+
+def test_no_gallery_is_404_json(served: Served) -> None:
+    for path in ("/v1/gallery", "/v1/gallery/0/layer4.png"):
+        r = served.client.get(path)
+        assert r.status_code == 404 and "serve.gallery" in detail(r), path
+
+
+@pytest.mark.parametrize("what", ["missing-dir", "no-json", "bad-json", "no-images"])
+def test_gallery_dir_is_checked_at_start(trained_run: Path, tmp_path: Path, what: str) -> None:
+    from cifar_cam.errors import ConfigError
+
+    root = tmp_path / "run"
+    if what != "missing-dir":
+        root.mkdir()
+    if what == "bad-json":
+        (root / "gradcam.json").write_text("{not json")
+    if what == "no-images":
+        (root / "gradcam.json").write_text(json.dumps({"method": "gradcam"}))
+    with pytest.raises(ConfigError, match=r"serve\.gallery=.*gradcam") as e:
+        create_app(Predictor.load(trained_run), Settings(gallery=str(root)))
+    assert "\n" not in str(e.value)
+
+
+def test_serve_command_bad_gallery_is_one_line(trained_run: Path, tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    r = run_cli("serve", f"ckpt={trained_run}", "serve.port=0", f"serve.gallery={tmp_path}", cwd=tmp_path, timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "gradcam.json" in lines[0] and "Traceback" not in r.stderr, r.stderr
 
 
 # -- batching --------------------------------------------------------------------------------------

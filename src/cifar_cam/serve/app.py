@@ -3,7 +3,8 @@
     app = create_app(Predictor.load("outputs/train/<run>"), Settings())
 
 Endpoints: `POST /v1/predict` (one image: multipart field `file`, or the raw body), `POST /v1/predict/batch`
-(multipart field `files`), `GET /v1/model`, `GET /healthz`, `GET /docs` (Swagger UI from the package's
+(multipart field `files`), `GET /v1/model`, `GET /v1/gallery` and `GET /v1/gallery/{rank}/{layer}.png` (the
+mistakes of a `cifar-cam gradcam` run, with serve.gallery), `GET /healthz`, `GET /docs` (Swagger UI from the package's
 swagger-ui-bundle files: no CDN) and `GET /` (the page in `static/index.html`, or a placeholder).
 
 Concurrent requests are gathered into one forward pass by `Batcher` (up to `max_batch` images, the first
@@ -41,12 +42,12 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from cifar_cam.errors import DataError
+from cifar_cam.errors import ConfigError, DataError
 from cifar_cam.images import decode_rgb, header_size
 
 if TYPE_CHECKING:
@@ -84,9 +85,13 @@ class Settings:
 
     @classmethod
     def from_cfg(cls, serve: Any) -> Settings:
-        """From the `serve` config node (or any mapping); unknown keys (host, port, workers) are ignored."""
+        """From the `serve` config node (or any mapping); unknown keys (host, port, workers) are ignored.
+        ConfigError when serve.gallery is set but is not a gradcam run dir."""
         names = {f.name for f in fields(cls)}
-        return cls(**{k: serve[k] for k in serve if k in names})
+        settings = cls(**{k: serve[k] for k in serve if k in names})
+        if settings.gallery:
+            load_gallery(settings.gallery)  # a bad serve.gallery fails here, before a port is bound or a worker runs
+        return settings
 
     @property
     def max_upload_bytes(self) -> int:
@@ -370,14 +375,74 @@ def overlay_png(pixels: np.ndarray, heatmap: np.ndarray, size: int) -> str:
 
 
 # -- the app ---------------------------------------------------------------------------------------
+# -- the gallery: a `cifar-cam gradcam` run's mistakes ------------------------------------------------
+@dataclass
+class Gallery:
+    """The mistakes in a gradcam run dir, most confident first; `files[(rank, layer)]` is each PNG's resolved
+    path, found at start-up from gradcam.json (a request only ever names a key of this dict, never a path)."""
+
+    root: Path
+    entries: list[dict[str, Any]]
+    files: dict[tuple[str, str], Path]
+
+
+def load_gallery(path: str | os.PathLike) -> Gallery:
+    """Reads `<path>/gradcam.json`; ConfigError (one line from the CLI) when it is not a gradcam run dir."""
+    root = Path(path).expanduser()
+    hint = "pass the run dir a `cifar-cam gradcam` run wrote (outputs/gradcam/<run>), or leave serve.gallery unset"
+    if not root.is_dir():
+        raise ConfigError(f"serve.gallery={path}: no such directory; {hint}")
+    summary = root / "gradcam.json"
+    if not summary.is_file():
+        raise ConfigError(f"serve.gallery={path}: no gradcam.json in it; {hint}")
+    try:
+        data = json.loads(summary.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"serve.gallery={path}: gradcam.json is unreadable ({str(e)[:120]}); {hint}") from None
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise ConfigError(f"serve.gallery={path}: gradcam.json has no 'images' list; {hint}")
+    base = root.resolve()
+    entries: list[dict[str, Any]] = []
+    files: dict[tuple[str, str], Path] = {}
+    for item in images:
+        try:
+            rank = int(item["rank"])
+            layer_files = dict(item["files"])
+            entry = {"rank": rank, "test_row": int(item.get("test_row", -1)), "true": str(item["true"]),
+                     "pred": str(item["pred"]), "confidence": float(item["confidence"]),
+                     "explained": str(item.get("explained", item["pred"]))}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"serve.gallery={path}: a gradcam.json entry is malformed ({e!r:.80}); {hint}") from None
+        layers = []
+        for layer, rel in layer_files.items():
+            file = (base / str(rel)).resolve()
+            if file.is_relative_to(base) and file.suffix == ".png" and file.is_file():
+                files[(str(rank), str(layer))] = file
+                layers.append(str(layer))
+        if layers:
+            entries.append({**entry, "layers": layers})
+    entries.sort(key=lambda e: (-e["confidence"], e["rank"]))
+    return Gallery(base, entries, files)
+
+
+# -- the app ---------------------------------------------------------------------------------------
+OPEN_PATHS = ("/", "/docs", "/openapi.json", "/healthz")  # with serve.api_key: no secret here, the page loads
+
+
 class ApiKeyMiddleware:
-    """Every request but /healthz needs header X-API-Key (pure ASGI: nothing else is touched)."""
+    """Every /v1/* request needs header X-API-Key; the page (/, /static/*), /docs, /openapi.json and /healthz
+    do not (pure ASGI: nothing else is touched). Any other path needs it as well."""
 
     def __init__(self, app: Any, key: str) -> None:
         self.app, self.key = app, key.encode()
 
+    @staticmethod
+    def is_open(path: str) -> bool:
+        return path in OPEN_PATHS or (path.startswith("/static/") and ".." not in path)
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] != "/healthz":
+        if scope["type"] == "http" and not self.is_open(scope["path"]):
             given = next((v for k, v in scope["headers"] if k == b"x-api-key"), None)
             if given is None or not hmac.compare_digest(given, self.key):
                 detail = ("header X-API-Key is missing: this server needs its serve.api_key" if given is None
@@ -425,6 +490,7 @@ def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAP
     limit = settings.max_upload_bytes
     n_classes = len(predictor.classes)
     size = predictor.image_size
+    gallery = load_gallery(settings.gallery) if settings.gallery else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
@@ -437,6 +503,7 @@ def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAP
                   description=f"A {predictor.kind} CIFAR classifier ({n_classes} classes, {size}x{size} px) "
                               "with Grad-CAM. Every error is JSON {\"detail\": message}.")
     app.state.predictor, app.state.settings, app.state.batcher, app.state.info = predictor, settings, batcher, info
+    app.state.gallery = gallery
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key)
 
@@ -557,6 +624,29 @@ def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAP
     @app.get("/v1/model", summary="The model card: classes, input, accuracy, source checkpoint")
     async def model() -> dict[str, Any]:
         return info
+
+    def no_gallery() -> ApiError:
+        return ApiError(404, "no gallery on this server: start it with serve.gallery=<a cifar-cam gradcam run dir>")
+
+    @app.get("/v1/gallery", summary="The model's mistakes (serve.gallery), most confident first")
+    async def gallery_list(request: Request) -> list[dict[str, Any]]:
+        if gallery is None:
+            raise no_gallery()
+        root = request.scope.get("root_path", "").rstrip("/")
+        return [{**e, "images": {layer: f"{root}/v1/gallery/{e['rank']}/{layer}.png" for layer in e["layers"]}}
+                for e in gallery.entries]
+
+    @app.get("/v1/gallery/{rank}/{layer}.png", summary="One mistake's Grad-CAM PNG at one layer",
+             response_class=FileResponse)
+    async def gallery_png(rank: str, layer: str) -> FileResponse:
+        if gallery is None:
+            raise no_gallery()
+        file = gallery.files.get((rank, layer))  # a key looked up, never a path joined
+        if file is None:
+            known = sorted({name for _, name in gallery.files})
+            raise ApiError(404, f"no gallery image for rank {rank[:20]!r} at layer {layer[:20]!r}; GET /v1/gallery "
+                                f"lists them (layers: {', '.join(known)})")
+        return FileResponse(file, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
     @app.get("/healthz", summary="Liveness (needs no API key)")
     async def healthz() -> dict[str, Any]:

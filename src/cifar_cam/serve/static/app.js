@@ -19,29 +19,125 @@
     return res.statusText || "request failed";
   }
 
-  // -- the model card: layers, classes, input size --------------------------------------------
-  fetch("v1/model").then(async (res) => {
-    const card = await res.json().catch(() => null);
-    if (!res.ok) throw new Error(`${res.status}: ${detailOf(card, res)}`);
-    size = Number(card.image_size) || 32;
-    const layers = card.cam_layers || card.layers || ["layer4"];
-    layer.replaceChildren(...layers.map((name) => new Option(name, name)));
-    layer.value = layers.includes("layer4") ? "layer4" : layers[layers.length - 1];
-    const n = (card.classes || []).length;
-    if (n) topk.max = String(n);
-    if (card.topk_default) topk.value = String(card.topk_default);
-    if (card.input && card.input.formats) {
-      $("drop-hint").textContent = `${card.input.formats}, up to ${card.input.max_upload_mb} MB; ` +
-                                   "resized to the model's input size.";
-    }
-    $("input-caption").textContent = `Model input (${size}×${size}, enlarged)`;
-    const parts = [card.kind, n ? `${n} classes` : "", `${size}×${size} input`,
-                   card.test_accuracy != null ? `test accuracy ${(100 * card.test_accuracy).toFixed(2)}%` : ""];
-    $("model").textContent = parts.filter(Boolean).join(" · ");
-  }).catch((e) => {
-    $("model").textContent = `Model card unavailable (${e.message})`;
-    say(`The server did not give its model card (${e.message}).`, "error");
+  // -- the API key (serve.api_key): asked for when /v1/model answers 401, sent as X-API-Key ------
+  const keyForm = $("key-form"), keyInput = $("api-key");
+  let apiKey = "";
+  try { apiKey = sessionStorage.getItem("cifar-cam-api-key") || ""; } catch (e) { /* storage off */ }
+  const withKey = (init) => {
+    const headers = new Headers((init && init.headers) || {});
+    if (apiKey) headers.set("X-API-Key", apiKey);
+    return Object.assign({}, init || {}, { headers });
+  };
+  const api = (url, init) => fetch(url, withKey(init));
+  function askForKey(message) {
+    keyForm.hidden = false;
+    say(message, "error");
+    keyInput.focus();
+  }
+  keyForm.addEventListener("submit", (e) => {
+    e.preventDefault();
+    apiKey = keyInput.value.trim();
+    try { sessionStorage.setItem("cifar-cam-api-key", apiKey); } catch (err) { /* storage off */ }
+    loadModel();
   });
+
+  // -- the model card: layers, classes, input size --------------------------------------------
+  function loadModel() {
+    return api("v1/model").then(async (res) => {
+      const card = await res.json().catch(() => null);
+      if (res.status === 401) {
+        $("model").textContent = "This server needs an API key.";
+        askForKey(`${apiKey ? "That API key was refused" : "This server needs an API key"}: ` +
+                  `${detailOf(card, res)}. Enter it above.`);
+        return;
+      }
+      if (!res.ok) throw new Error(`${res.status}: ${detailOf(card, res)}`);
+      if (apiKey) { keyForm.hidden = true; say("API key accepted. Pick or drop an image to classify it.", "ok"); }
+      size = Number(card.image_size) || 32;
+      const layers = card.cam_layers || card.layers || ["layer4"];
+      layer.replaceChildren(...layers.map((name) => new Option(name, name)));
+      layer.value = layers.includes("layer4") ? "layer4" : layers[layers.length - 1];
+      const n = (card.classes || []).length;
+      if (n) topk.max = String(n);
+      if (card.topk_default) topk.value = String(card.topk_default);
+      if (card.input && card.input.formats) {
+        $("drop-hint").textContent = `${card.input.formats}, up to ${card.input.max_upload_mb} MB; ` +
+                                     "resized to the model's input size.";
+      }
+      $("input-caption").textContent = `Model input (${size}×${size}, enlarged)`;
+      const parts = [card.kind, n ? `${n} classes` : "", `${size}×${size} input`,
+                     card.test_accuracy != null ? `test accuracy ${(100 * card.test_accuracy).toFixed(2)}%` : ""];
+      $("model").textContent = parts.filter(Boolean).join(" · ");
+      loadGallery();
+    }).catch((e) => {
+      $("model").textContent = `Model card unavailable (${e.message})`;
+      say(`The server did not give its model card (${e.message}).`, "error");
+    });
+  }
+
+  // -- the gallery (serve.gallery): the model's most confident mistakes -------------------------
+  const blobs = new Map();  // image URL -> object URL (the PNGs sit under /v1, which may need the key)
+  async function imageUrl(url) {
+    if (!blobs.has(url)) {
+      blobs.set(url, api(url).then(async (res) => {
+        if (!res.ok) throw new Error(`${res.status}`);
+        return URL.createObjectURL(await res.blob());
+      }));
+      blobs.get(url).catch(() => blobs.delete(url));
+    }
+    return blobs.get(url);
+  }
+  const pctOf = (p) => (100 * Number(p)).toFixed(1) + "%";
+  const describe = (m) => `#${m.rank}: true ${m.true}, predicted ${m.pred} (${pctOf(m.confidence)} confident)` +
+                          (m.test_row >= 0 ? ` · test image ${m.test_row}` : "");
+
+  async function showMistake(m, button) {
+    for (const b of $("gallery").querySelectorAll("button")) b.setAttribute("aria-pressed", String(b === button));
+    const box = $("mistake-images"), caption = $("mistake-caption");
+    caption.textContent = describe(m);
+    $("mistake").hidden = false;
+    const imgs = await Promise.all(m.layers.map(async (name) => {
+      const img = document.createElement("img");
+      img.alt = `Grad-CAM at ${name} of test image ${m.test_row}: true ${m.true}, predicted ${m.pred}`;
+      img.dataset.layer = name;
+      try { img.src = await imageUrl(m.images[name]); } catch (e) { img.alt += " (could not be loaded)"; }
+      return img;
+    }));
+    if (caption.textContent === describe(m)) box.replaceChildren(...imgs);  // not overtaken by a newer click
+  }
+
+  async function loadGallery() {
+    let list = null;
+    try {
+      const res = await api("v1/gallery");
+      if (res.ok) list = await res.json();
+    } catch (e) { list = null; }
+    const section = $("gallery-section");
+    if (!Array.isArray(list) || !list.length) { section.hidden = true; return; }
+    $("gallery").replaceChildren(...list.map((m) => {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = "mistake";
+      b.dataset.rank = String(m.rank);
+      b.setAttribute("aria-pressed", "false");
+      b.setAttribute("aria-label", describe(m));
+      b.title = describe(m);
+      const img = document.createElement("img");
+      img.alt = "";
+      const thumb = m.layers[m.layers.length - 1];
+      imageUrl(m.images[thumb]).then((u) => { img.src = u; }).catch(() => {});
+      const label = document.createElement("span");
+      label.textContent = `${m.true} → ${m.pred}`;
+      b.append(img, label);
+      b.addEventListener("click", () => showMistake(m, b));
+      return b;
+    }));
+    $("gallery-hint").textContent = `${list.length} test images the model got wrong, most confident first. ` +
+                                    "Pick one to see its Grad-CAM at each layer.";
+    section.hidden = false;
+  }
+
+  loadModel();
 
   // -- the image as the model sees it: squashed to size×size, transparency over white ----------
   async function drawInput(blob) {
@@ -111,7 +207,7 @@
     const query = new URLSearchParams({ cam: "true", layer: layer.value, topk: String(k) });
     let res, body;
     try {
-      res = await fetch("v1/predict?" + query, { method: "POST", body: form, signal: aborter.signal });
+      res = await api("v1/predict?" + query, { method: "POST", body: form, signal: aborter.signal });
       body = await res.json().catch(() => null);
     } catch (e) {
       if (e.name === "AbortError") return;
@@ -119,6 +215,12 @@
       return;
     }
     if (mine !== seq) return;  // a newer upload is on its way
+    if (res.status === 401) {
+      clearResult();
+      current = null;
+      askForKey(`Refused (401): ${detailOf(body, res)}. Enter the API key above.`);
+      return;
+    }
     if (!res.ok) {
       clearResult();
       const refused = res.status >= 400 && res.status < 500;
