@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -79,3 +81,43 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = only_run_dir(cwd / "outputs" / "train")
     assert json.loads((run / "summary.json").read_text())["test_acc"] > 0
     return run
+
+
+# -- the shared HTTP server (tests/test_serve.py, tests/test_browser.py) ----------------------------------
+MAX_UPLOAD_MB = 1
+MAX_PIXELS = 1_000_000
+MAX_BATCH_IMAGES = 8
+
+
+@dataclass
+class Served:
+    url: str
+    predictor: Any
+    settings: Any
+    app: Any
+    calls: list[int]           # images per backend.run call (each forward pass)
+    client: Any
+
+
+@pytest.fixture(scope="session")
+def served(trained_run: Path) -> Iterator[Served]:
+    """The one server of the test run (test_serve, test_browser): the tiny run's model on a loopback port."""
+    import httpx
+
+    from cifar_cam.predictor import Predictor
+    from cifar_cam.serve.app import Settings, create_app, running
+
+    predictor = Predictor.load(trained_run, batch_size=64)
+    calls: list[int] = []
+    run = predictor.backend.run
+
+    def counted(images: Any) -> Any:
+        calls.append(len(images))
+        return run(images)
+
+    predictor.backend.run = counted  # type: ignore[method-assign]
+    settings = Settings(max_upload_mb=MAX_UPLOAD_MB, max_pixels=MAX_PIXELS, max_batch_images=MAX_BATCH_IMAGES,
+                        max_wait_ms=20, max_batch=32, topk=3)
+    app = create_app(predictor, settings)
+    with running(app) as (url, _server), httpx.Client(base_url=url, timeout=30) as client:
+        yield Served(url, predictor, settings, app, calls, client)

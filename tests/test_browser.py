@@ -51,7 +51,10 @@ def base_url(request: pytest.FixtureRequest) -> Iterator[str]:
     from cifar_cam.predictor import Predictor
     from cifar_cam.serve.app import Settings, create_app, running
 
-    ckpt = os.environ.get("CIFAR_CAM_SCREENSHOT_CKPT") or request.getfixturevalue("trained_run")
+    ckpt = os.environ.get("CIFAR_CAM_SCREENSHOT_CKPT")
+    if not ckpt:  # the test run's one server (conftest.served)
+        yield request.getfixturevalue("served").url
+        return
     with running(create_app(Predictor.load(ckpt), Settings()), log_level="warning") as (url, _):
         yield url
 
@@ -198,11 +201,12 @@ def test_page_asks_again_for_another_layer_and_takes_a_dropped_file(base_url: st
 def test_page_says_when_an_upload_is_refused(base_url: str, browser: webdriver.Chrome, tmp_path: Path, kind: str
                                              ) -> None:
     fake = tmp_path / "notes.png"
-    if kind == "too_big":  # a real PNG, then more bytes than serve.max_upload_mb (the default, 10)
-        from cifar_cam.serve.app import Settings
+    if kind == "too_big":  # a real PNG, then more bytes than the server's serve.max_upload_mb
+        import httpx
 
+        limit = httpx.get(f"{base_url}/v1/model", timeout=30).json()["input"]["max_upload_mb"]
         fake.write_bytes(_test_png(tmp_path / "square.png").read_bytes()
-                         + os.urandom(int((Settings().max_upload_mb + 0.5) * 1024 * 1024)))
+                         + os.urandom(int((limit + 0.5) * 1024 * 1024)))
     else:
         fake.write_text("these are my notes, not a picture\n")
     refused = _api_predict(base_url, fake)

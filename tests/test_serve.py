@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,7 @@ pytest.importorskip("uvicorn")
 
 from cifar_cam.predictor import Predictor  # noqa: E402
 from cifar_cam.serve.app import Settings, create_app, running  # noqa: E402
-
-MAX_UPLOAD_MB = 1
-MAX_PIXELS = 1_000_000
-MAX_BATCH_IMAGES = 8
+from conftest import MAX_BATCH_IMAGES, MAX_UPLOAD_MB, Served  # noqa: E402  (the shared server)
 
 
 def png(size: tuple[int, int] = (32, 32), seed: int = 0) -> bytes:
@@ -61,34 +57,6 @@ def rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-@dataclass
-class Served:
-    url: str
-    predictor: Predictor
-    settings: Settings
-    app: Any
-    calls: list[int]           # images per backend.run call (each forward pass)
-    client: Any
-
-
-@pytest.fixture(scope="session")
-def served(trained_run: Path) -> Iterator[Served]:
-    predictor = Predictor.load(trained_run, batch_size=64)
-    calls: list[int] = []
-    run = predictor.backend.run
-
-    def counted(images: np.ndarray) -> Any:
-        calls.append(len(images))
-        return run(images)
-
-    predictor.backend.run = counted  # type: ignore[method-assign]
-    settings = Settings(max_upload_mb=MAX_UPLOAD_MB, max_pixels=MAX_PIXELS, max_batch_images=MAX_BATCH_IMAGES,
-                        max_wait_ms=20, max_batch=32, topk=3)
-    app = create_app(predictor, settings)
-    with running(app) as (url, _server), httpx.Client(base_url=url, timeout=30) as client:
-        yield Served(url, predictor, settings, app, calls, client)
 
 
 def detail(r: Any) -> str:
