@@ -481,6 +481,81 @@ BATCH_BODY = {
 }
 
 
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error as JSON {"detail": message}: ours, validation (422), HTTP (404 names the path), crashes (500)."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail}, exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_detail(exc)}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        if exc.status_code == 404:
+            detail = f"{request.url.path}: no such endpoint (see /docs)"
+        return JSONResponse({"detail": detail}, exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc, exc_info=exc)
+        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); the server log has the details"},
+                            500)
+
+
+def _add_gallery_routes(app: FastAPI, gallery: Any) -> None:
+    """GET /v1/gallery and its PNGs (serve.gallery); 404 when none is configured."""
+
+    def no_gallery() -> ApiError:
+        return ApiError(404, "no gallery on this server: start it with serve.gallery=<a cifar-cam gradcam run dir>")
+
+    @app.get("/v1/gallery", summary="The model's mistakes (serve.gallery), most confident first")
+    async def gallery_list(request: Request) -> list[dict[str, Any]]:
+        if gallery is None:
+            raise no_gallery()
+        root = request.scope.get("root_path", "").rstrip("/")
+        return [{**e, "images": {layer: f"{root}/v1/gallery/{e['rank']}/{layer}.png" for layer in e["layers"]}}
+                for e in gallery.entries]
+
+    @app.get("/v1/gallery/{rank}/{layer}.png", summary="One mistake's Grad-CAM PNG at one layer",
+             response_class=FileResponse)
+    async def gallery_png(rank: str, layer: str) -> FileResponse:
+        if gallery is None:
+            raise no_gallery()
+        file = gallery.files.get((rank, layer))  # a key looked up, never a path joined
+        if file is None:
+            known = sorted({name for _, name in gallery.files})
+            raise ApiError(404, f"no gallery image for rank {rank[:20]!r} at layer {layer[:20]!r}; GET /v1/gallery "
+                                f"lists them (layers: {', '.join(known)})")
+        return FileResponse(file, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+
+def _add_docs_and_page(app: FastAPI) -> None:
+    """/docs (Swagger UI from the package's files: no CDN), /static and the page at /."""
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/static/swagger", StaticFiles(directory=str(swagger_ui_path)), name="swagger")
+    if STATIC.is_dir():
+        app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title="cifar-cam serve: API",
+                                   swagger_js_url=f"{root}/static/swagger/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{root}/static/swagger/swagger-ui.css",
+                                   swagger_favicon_url=f"{root}/static/swagger/favicon-32x32.png",
+                                   swagger_ui_parameters={"validatorUrl": None})
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> HTMLResponse:
+        index = STATIC / "index.html"
+        return HTMLResponse(index.read_text(encoding="utf-8") if index.is_file() else PLACEHOLDER)
+
+
 def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAPI:
     """The FastAPI app serving `predictor`."""
     settings = settings or Settings()
@@ -506,27 +581,9 @@ def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAP
     app.state.gallery = gallery
     if settings.api_key:
         app.add_middleware(ApiKeyMiddleware, key=settings.api_key)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _validation_detail(exc)}, 422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        detail = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
-        if exc.status_code == 404:
-            detail = f"{request.url.path}: no such endpoint (see /docs)"
-        return JSONResponse({"detail": detail}, exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        log.error("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc, exc_info=exc)
-        return JSONResponse({"detail": f"internal error ({type(exc).__name__}); the server log has the details"},
-                            500)
+    _add_error_handlers(app)
+    _add_gallery_routes(app, gallery)
+    _add_docs_and_page(app)
 
     def check_query(topk: int | None, cam: bool, layer: str) -> tuple[int, str | None]:
         k = settings.topk if topk is None else topk
@@ -625,52 +682,9 @@ def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAP
     async def model() -> dict[str, Any]:
         return info
 
-    def no_gallery() -> ApiError:
-        return ApiError(404, "no gallery on this server: start it with serve.gallery=<a cifar-cam gradcam run dir>")
-
-    @app.get("/v1/gallery", summary="The model's mistakes (serve.gallery), most confident first")
-    async def gallery_list(request: Request) -> list[dict[str, Any]]:
-        if gallery is None:
-            raise no_gallery()
-        root = request.scope.get("root_path", "").rstrip("/")
-        return [{**e, "images": {layer: f"{root}/v1/gallery/{e['rank']}/{layer}.png" for layer in e["layers"]}}
-                for e in gallery.entries]
-
-    @app.get("/v1/gallery/{rank}/{layer}.png", summary="One mistake's Grad-CAM PNG at one layer",
-             response_class=FileResponse)
-    async def gallery_png(rank: str, layer: str) -> FileResponse:
-        if gallery is None:
-            raise no_gallery()
-        file = gallery.files.get((rank, layer))  # a key looked up, never a path joined
-        if file is None:
-            known = sorted({name for _, name in gallery.files})
-            raise ApiError(404, f"no gallery image for rank {rank[:20]!r} at layer {layer[:20]!r}; GET /v1/gallery "
-                                f"lists them (layers: {', '.join(known)})")
-        return FileResponse(file, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
-
     @app.get("/healthz", summary="Liveness (needs no API key)")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok", "model": model_id, "passes": batcher.passes, "images": batcher.images}
-
-    from swagger_ui_bundle import swagger_ui_path
-
-    app.mount("/static/swagger", StaticFiles(directory=str(swagger_ui_path)), name="swagger")
-    if STATIC.is_dir():
-        app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
-
-    @app.get("/docs", include_in_schema=False)
-    async def docs(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "").rstrip("/")
-        return get_swagger_ui_html(openapi_url=f"{root}{app.openapi_url}", title="cifar-cam serve: API",
-                                   swagger_js_url=f"{root}/static/swagger/swagger-ui-bundle.js",
-                                   swagger_css_url=f"{root}/static/swagger/swagger-ui.css",
-                                   swagger_favicon_url=f"{root}/static/swagger/favicon-32x32.png",
-                                   swagger_ui_parameters={"validatorUrl": None})
-
-    @app.get("/", include_in_schema=False)
-    async def page() -> HTMLResponse:
-        index = STATIC / "index.html"
-        return HTMLResponse(index.read_text(encoding="utf-8") if index.is_file() else PLACEHOLDER)
 
     return app
 
