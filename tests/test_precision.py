@@ -73,6 +73,7 @@ def test_resolve_precision(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_precision("bf16", CPU) is torch.bfloat16
     assert resolve_precision("fp16", CPU) is torch.float16
     cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_precision("auto", cuda) is torch.bfloat16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)

@@ -46,6 +46,11 @@ def cpu_has_amx() -> bool:
         return False
 
 
+def cuda_has_bf16() -> bool:
+    """Whether the current CUDA GPU runs bf16 natively (Ampere and later); emulated bf16 does not count."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for fp32. 'auto': bf16 on CUDA (fp16 where bf16 is missing) and on CPUs
     with AMX; fp32 on other CPUs, where bf16 is slower than fp32 (measured in docs/benchmarks.md).
@@ -54,7 +59,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return None
     if precision == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # including_emulation=False: V100 / T4 only emulate bf16 (slowly); they take fp16 + GradScaler
+            return torch.bfloat16 if cuda_has_bf16() else torch.float16
         return torch.bfloat16 if device.type == "cpu" and cpu_has_amx() else None
     return AMP_DTYPES[precision]
 

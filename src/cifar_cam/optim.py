@@ -6,7 +6,8 @@ iterations: every direction of the update moves at the same rate, which trains n
 fewer steps than SGD (airbench's CIFAR-10 speed records use it for their filters). This version
 follows airbench94_muon: a 4-d filter is flattened to (out, in*kh*kw), and since a BatchNorm follows
 every convolution (the loss does not see the filter's scale), the filter is renormalized to a
-fixed norm before each step instead of being decayed. Everything that is not a conv filter (the
+fixed norm before each step instead of being decayed; filters of equal shape share one batched
+iteration (a launch per shape, not per filter). Everything that is not a conv filter (the
 BatchNorm scales and shifts, the classifier) gets Nesterov SGD with weight decay, at
 `lr * aux_lr_scale`, so that one `lr` and one scheduler drive both.
 
@@ -20,28 +21,31 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
+from cifar_cam.engine import cuda_has_bf16
+
 # Quintic Newton-Schulz coefficients of Muon: they push singular values towards ~1 in few steps.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(g: Tensor, steps: int = 3, dtype: torch.dtype = torch.float32, eps: float = 1e-7) -> Tensor:
-    """Approximately U V^T for the SVD U S V^T of the 2-d `g` (singular values mapped near 1), computed in `dtype`."""
+    """Approximately U V^T for the SVD U S V^T of `g`, a matrix or a (B, m, n) stack of them, computed in `dtype`."""
     a, b, c = NS_COEFFICIENTS
     x = g.to(dtype)
-    transposed = x.size(0) > x.size(1)
+    transposed = x.size(-2) > x.size(-1)  # one answer for a whole stack: its matrices share a shape
     if transposed:
-        x = x.T
-    x = x / (x.norm() + eps)  # spectral norm <= Frobenius norm <= 1: inside the iteration's basin
+        x = x.mT
+    # Each matrix by its own norm: spectral norm <= Frobenius norm <= 1, inside the iteration's basin.
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
-        s = x @ x.T
+        s = x @ x.mT
         x = a * x + (b * s + c * (s @ s)) @ x
-    return (x.T if transposed else x).to(g.dtype)
+    return (x.mT if transposed else x).to(g.dtype)
 
 
 def ns_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA GPUs that have it (airbench runs the iteration in bf16: it only needs a direction), fp32
-    elsewhere: small filters gain nothing from AMX, and bf16 made the step slower there (docs/benchmarks.md)."""
-    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    """bf16 on CUDA GPUs that run it natively (airbench runs the iteration in bf16: it only needs a direction), fp32
+    elsewhere: V100 / T4 only emulate bf16, and on CPUs small filters gain nothing from AMX (docs/benchmarks.md)."""
+    return torch.bfloat16 if device.type == "cuda" and cuda_has_bf16() else torch.float32
 
 
 def is_filter(p: Tensor) -> bool:
@@ -77,30 +81,50 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every parameter that has a gradient; returns the closure's loss, if given."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
             lr = group["lr"] * group["lr_scale"]
-            momentum, nesterov, wd = group["momentum"], group["nesterov"], group["weight_decay"]
-            dtype = ns_dtype(group["params"][0].device) if group["muon"] else None
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                if wd:  # 0 for the filters (set in __init__): their norm is fixed instead
-                    g = g.add(p, alpha=wd)
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = g.detach().clone()
-                else:
-                    state["momentum_buffer"].mul_(momentum).add_(g)
-                buf = state["momentum_buffer"]
-                g = g.add(buf, alpha=momentum) if nesterov else buf
-                if group["muon"]:
-                    # Scale-invariant under the BatchNorm that follows: keep the norm at sqrt(out channels).
-                    p.mul_(p.size(0) ** 0.5 / (p.norm() + 1e-12))
-                    g = orthogonalize(g.reshape(g.size(0), -1), group["ns_steps"], dtype).view_as(p)
-                p.add_(g, alpha=-lr)
+            updates = self._nesterov_momentum(group, params)
+            if group["muon"]:
+                updates = self._orthogonalized(params, updates, group["ns_steps"], ns_dtype(params[0].device))
+            torch._foreach_add_(params, updates, alpha=-lr)
         return loss
+
+    def _nesterov_momentum(self, group: dict, params: list[Tensor]) -> list[Tensor]:
+        """Each parameter's (Nesterov) momentum update, with weight decay; updates the `momentum_buffer`s."""
+        momentum = group["momentum"]
+        grads = [p.grad for p in params]
+        if group["weight_decay"]:  # 0 for the filters (set in __init__): their norm is fixed instead
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+        for p, g in zip(params, grads, strict=True):
+            if "momentum_buffer" not in self.state[p]:  # zeros: the first step's buffer is the gradient itself
+                self.state[p]["momentum_buffer"] = torch.zeros_like(g)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_add_(bufs, grads)
+        return torch._foreach_add(grads, bufs, alpha=momentum) if group["nesterov"] else bufs
+
+    @staticmethod
+    def _orthogonalized(filters: list[Tensor], updates: list[Tensor], steps: int, dtype: torch.dtype) -> list[Tensor]:
+        """Renormalize each filter and orthogonalize its update; one Newton-Schulz run per (out, in*kh*kw) shape."""
+        for p in filters:
+            # Scale-invariant under the BatchNorm that follows: keep the norm at sqrt(out channels).
+            p.mul_(p.size(0) ** 0.5 / (p.norm() + 1e-12))
+        # Equal shapes share one batched iteration: ResNet18's 20 filters come in 11 shapes, and on a GPU
+        # the cost of an iteration is its kernel launches (torch.stack also needs one dtype and device).
+        by_shape: dict[tuple, list[int]] = {}
+        for i, u in enumerate(updates):
+            by_shape.setdefault((u.size(0), u[0].numel(), u.dtype, u.device), []).append(i)
+        result: list[Tensor] = list(updates)
+        for indices in by_shape.values():
+            stack = torch.stack([updates[i].reshape(updates[i].size(0), -1) for i in indices])
+            for i, u in zip(indices, orthogonalize(stack, steps, dtype), strict=True):
+                result[i] = u.view_as(filters[i])
+        return result
