@@ -161,10 +161,11 @@ def cifar_cam_epoch(model: nn.Module, arrays: ImageArrays, aug: dict[str, Any], 
         steps += 1
         return steps >= warmup
 
-    # Warm-up: compilation, DataLoader workers starting; then whole epochs are timed.
+    # Warm-up: compilation, DataLoader workers starting; then whole epochs are timed. The stop flag is read at
+    # every metrics read, so log_every=1 here: `warmup` steps exactly.
     batches.set_epoch(0)
     train_one_epoch(model, batches, optimizer, criterion, device=device, amp_dtype=amp_dtype, scaler=scaler,
-                    log_every=log_every, should_stop=warmed_up)
+                    log_every=1, should_stop=warmed_up)
     epoch = 0
 
     def run() -> int:
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model = build_model("resnet18", num_classes=NUM_CLASSES, width=args.width).to(device, memory_format=memory_format)
     num_params = sum(p.numel() for p in model.parameters())
-    step_model = torch.compile(model) if args.compile else model  # compiled once, shared by (a) and (b)
+    step_model = torch.compile(model, dynamic=False) if args.compile else model  # once, shared by (a) and (b)
     print(f"device: {device} ({machine(device)}), torch {torch.__version__}")
     print(f"model: ResNet18 width {args.width} ({num_params:,} parameters), batch {args.batch_size}, "
           f"{args.images} images, precision {precision_name(amp_dtype)}, "

@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
+from cifar_cam import distributed
 from cifar_cam.augment import DeviceBatches, EpochSampler, shard
 from cifar_cam.data import CIFAR10_MEAN, CIFAR10_STD, ImageArrays
 from cifar_cam.distributed import World, check_strategy, quiet_overrides
-from cifar_cam.errors import ConfigError
+from cifar_cam.engine import train_one_epoch
+from cifar_cam.errors import ConfigError, DivergenceError
 from conftest import run_cli
 
 # 390 synthetic images - 64 val = 326 to train: not a multiple of 2 ranks x 16, so the shards need padding.
@@ -177,3 +187,208 @@ def test_single_process_eval_loads_the_ddp_checkpoint(ddp_and_single: tuple[Path
     metrics = json.loads((cwd / "eval" / "metrics.json").read_text())
     assert metrics["accuracy"] == pytest.approx(json.loads((run / "summary.json").read_text())["test_acc"])
     assert metrics["n"] == 256
+
+
+# ----------------------------------------------------------------------------- agreeing at the metric reads
+
+
+def tiny_epoch(steps: int) -> tuple[nn.Module, list[tuple[torch.Tensor, torch.Tensor]], torch.optim.Optimizer]:
+    """A linear model, `steps` batches of 4 random 3x2x2 images and its SGD optimizer (lr 0.1)."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    batches = [(torch.randn(4, 3, 2, 2, generator=gen), torch.randint(0, 3, (4,), generator=gen)) for _ in range(steps)]
+    return model, batches, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def other_rank(monkeypatch: pytest.MonkeyPatch, first_bad: int = -1, signum: int = 0, from_read: int = 0
+               ) -> list[torch.Tensor]:
+    """dist.all_reduce(MAX) as if a second rank sent (first_bad from its read `from_read` on, its stop, signum);
+    returns the boxes this rank sent."""
+    sent: list[torch.Tensor] = []
+
+    def all_reduce(box: torch.Tensor, op: Any = None) -> None:
+        assert op == distributed.dist.ReduceOp.MAX and box.dtype == torch.int64
+        sent.append(box.clone())
+        bad = -(first_bad if first_bad >= 0 and len(sent) > from_read else distributed.NO_BAD_STEP)
+        box.copy_(torch.maximum(box, torch.tensor([bad, int(signum > 0), signum])))
+
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    return sent
+
+
+def test_one_collective_per_metrics_read_not_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent = other_rank(monkeypatch)
+    sup = SimpleNamespace(signum=None)
+    polls = 0
+
+    def should_stop() -> bool:
+        nonlocal polls
+        polls += 1
+        return False
+
+    model, batches, optimizer = tiny_epoch(10)
+    result = train_one_epoch(model, batches, optimizer, nn.CrossEntropyLoss(), device=torch.device("cpu"),
+                             log_every=4, should_stop=should_stop,
+                             agree=distributed.agreement(World(rank=0, size=2), sup))  # type: ignore[arg-type]
+    assert result.totals.step == 10 and not result.interrupted
+    assert len(sent) == polls == 3  # reads after steps 4, 8 and 10 (the last): 3 collectives, not 10
+    assert distributed.agreement(World(), sup) is None  # type: ignore[arg-type]
+
+
+def test_a_stop_is_honoured_at_the_next_read() -> None:
+    asked = False
+
+    def heartbeat(step: int) -> None:
+        nonlocal asked
+        asked = asked or step == 1  # SIGINT during step 2
+
+    model, batches, optimizer = tiny_epoch(10)
+    result = train_one_epoch(model, batches, optimizer, nn.CrossEntropyLoss(), device=torch.device("cpu"),
+                             log_every=4, should_stop=lambda: asked, heartbeat=heartbeat)
+    assert result.interrupted and result.totals.step == 4 and result.totals.count == 16
+
+
+def test_another_ranks_stop_signal_is_adopted(monkeypatch: pytest.MonkeyPatch) -> None:
+    other_rank(monkeypatch, signum=int(signal.SIGTERM))
+    sup = SimpleNamespace(signum=None)
+    model, batches, optimizer = tiny_epoch(10)
+    result = train_one_epoch(model, batches, optimizer, nn.CrossEntropyLoss(), device=torch.device("cpu"),
+                             log_every=4, agree=distributed.agreement(World(rank=1, size=2), sup))  # type: ignore[arg-type]
+    assert result.interrupted and result.totals.step == 4
+    assert sup.signum == signal.SIGTERM  # this rank's stop message names the signal the other rank got
+
+
+@pytest.mark.parametrize(("mine", "theirs", "named"), [(-1, 5, 6), (6, 5, 6), (5, 7, 6), (-1, -1, None)])
+def test_divergence_names_the_earliest_bad_step_of_any_rank(mine: int, theirs: int, named: int | None,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    other_rank(monkeypatch, first_bad=theirs, from_read=1)  # its NaN came after step 4
+    model, batches, optimizer = tiny_epoch(10)
+    poisoned = nn.CrossEntropyLoss()
+    calls = 0
+
+    def criterion(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        loss = poisoned(logits, labels)
+        calls += 1
+        return loss * float("nan") if calls - 1 == mine else loss
+
+    agree = distributed.agreement(World(rank=0, size=2), SimpleNamespace(signum=None))  # type: ignore[arg-type]
+    run = lambda: train_one_epoch(model, batches, optimizer, criterion, device=torch.device("cpu"),  # noqa: E731
+                                  log_every=4, agree=agree, epoch=3)
+    if named is None:
+        assert run().totals.step == 10
+        return
+    with pytest.raises(DivergenceError) as e:
+        run()
+    assert str(e.value).startswith(f"loss became NaN/inf at epoch 3, step {named} (lr 0.1); lower optimizer.lr")
+    assert calls == 8  # found at the read after step 8, by both ranks
+
+
+# ----------------------------------------------------------------------------- 2 ranks a test steers
+# The ranks start as a SLURM job's tasks do (no torchrun agent ending the others when one fails), each
+# through this file's hooks: `python tests/test_ddp.py train ...` with RANK, WORLD_SIZE, ... set.
+#
+# CIFAR_CAM_TEST_NAN=R:N      on rank R, the loss of training step N (counted over the run, from 1) is NaN
+# CIFAR_CAM_TEST_SIGTERM=R:N  rank R sends itself SIGTERM during training step N (after its optimizer step)
+
+STEERED = [*(a for a in DATA if not a.startswith("trainer.epochs=")), "trainer.epochs=1", f"data.batch_size={BATCH}",
+           "trainer.log_every=4", "trainer.stall_timeout=null"]
+WAIT = 120  # seconds: a guard against ranks left waiting in a collective (30 min under SLURM), never a timing
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(cwd: Path, hooks: dict[str, str]) -> list[subprocess.CompletedProcess]:
+    """`cifar-cam train STEERED` as RANKS processes with these hooks; fails if any is still running after WAIT."""
+    common = {**os.environ, **hooks, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(RANKS), "LOCAL_WORLD_SIZE": str(RANKS)}
+    command = [sys.executable, __file__, "train", *STEERED, f"hydra.run.dir={cwd / 'run'}"]
+    procs = [subprocess.Popen(command, cwd=cwd, env={**common, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(RANKS)]
+    deadline, done = time.monotonic() + WAIT, []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+            done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"rank {len(done)} still running after {WAIT} s: it waits in a collective the others left")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
+def test_nan_on_one_rank_stops_every_rank_with_the_same_line(tmp_path: Path) -> None:
+    # Step 4 is read at once (trainer.log_every=4): rank 0's loss is still finite there (rank 1's NaN gradients
+    # reach it through DDP only in step 5), so rank 0 alone would train on into a collective rank 1 has left.
+    ranks = run_ranks(tmp_path, {"CIFAR_CAM_TEST_NAN": "1:4"})
+    lines = []
+    for r in ranks:
+        assert r.returncode == 1, r.stderr[-3000:]
+        assert "Traceback" not in r.stdout + r.stderr
+        lines += r.stderr.strip().splitlines()
+    assert len(lines) == RANKS and len(set(lines)) == 1, lines  # one line a rank, the same on each
+    assert re.fullmatch(r"cifar-cam train: error: loss became NaN/inf at epoch 1, step 4 \(lr 0\.003\); "
+                        r"lower optimizer\.lr, .*; nothing was saved", lines[0]), lines[0]
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path: Path) -> None:
+    ranks = run_ranks(tmp_path, {"CIFAR_CAM_TEST_SIGTERM": "1:2"})
+    lines = []
+    for r in ranks:
+        assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
+        assert "Traceback" not in r.stdout + r.stderr
+        lines += [line for line in r.stderr.splitlines() if line.startswith("cifar-cam train: ")]
+    assert len(lines) == RANKS and len(set(lines)) == 1, lines
+    # The signal came during step 2; the ranks agree at the read after step 4 (trainer.log_every=4).
+    assert lines[0].startswith(f"cifar-cam train: stopped: SIGTERM: stopped at epoch 1, step 4; saved {tmp_path}")
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert last["epoch"] == 0 and last["partial"]["step"] == 4
+    assert last["partial"]["count"] == 4 * BATCH * RANKS  # both ranks' totals were summed: same steps on each
+
+
+def _rank_step(variable: str) -> int | None:
+    """N of `variable`=R:N when R is this process's rank, else None."""
+    rank, _, step = os.environ.get(variable, "").partition(":")
+    return int(step) if rank == os.environ.get("RANK", "0") else None
+
+
+def _steer() -> None:
+    """Installs the hooks the environment asks for on this rank (see above)."""
+    import cifar_cam.tasks.train as train_task
+
+    real_train_one_epoch = train_task.train_one_epoch
+    nan_step, sigterm_step = _rank_step("CIFAR_CAM_TEST_NAN"), _rank_step("CIFAR_CAM_TEST_SIGTERM")
+    losses = steps = 0
+
+    def steered(model: nn.Module, batches: Any, optimizer: Any, criterion: nn.Module, *, heartbeat: Any,
+                **kwargs: Any) -> Any:
+        def poisoned(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            nonlocal losses
+            losses += 1
+            loss = criterion(logits, labels)
+            return loss * float("nan") if losses == nan_step else loss
+
+        def beat(step: int) -> None:
+            nonlocal steps
+            heartbeat(step)
+            steps += 1
+            if steps == sigterm_step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return real_train_one_epoch(model, batches, optimizer, poisoned, heartbeat=beat, **kwargs)
+
+    train_task.train_one_epoch = steered
+
+
+if __name__ == "__main__":
+    from cifar_cam.cli import main
+
+    _steer()
+    main()

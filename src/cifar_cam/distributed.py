@@ -17,15 +17,18 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from cifar_cam.choices import STRATEGIES
-from cifar_cam.engine import EpochTotals
+from cifar_cam.engine import Agree, EpochTotals
 from cifar_cam.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cifar_cam.supervise import Supervisor
 
 T = TypeVar("T")
 
@@ -183,14 +186,23 @@ def from_rank0(value: float, w: World) -> float:
     return float(box[0])
 
 
-def any_rank(flag: Callable[[], bool], w: World) -> Callable[[], bool]:
-    """`flag` true on any rank -> true on all (a stop signal then ends every rank after the same step)."""
+NO_BAD_STEP = 2**62  # stands for "no non-finite loss" in the agreement: larger than any step
+
+
+def agreement(w: World, sup: Supervisor) -> Agree | None:
+    """train_one_epoch's `agree`: the earliest non-finite-loss step over the ranks, and whether any rank was asked
+    to stop, in one all_reduce a metrics read. None for one process (nothing to agree on)."""
     if not w.distributed:
-        return flag
+        return None
 
-    def agreed() -> bool:
-        box = torch.tensor([1 if flag() else 0], dtype=torch.int32)
-        dist.all_reduce(box, op=dist.ReduceOp.MAX)
-        return bool(box[0])
+    def agree(first_bad: int, stop: bool) -> tuple[int, bool]:
+        # MAX of each: the earliest bad step is the largest negated one; the signal number names a stop
+        box = torch.tensor([-(first_bad if first_bad >= 0 else NO_BAD_STEP), int(stop), sup.signum or 0],
+                           dtype=torch.int64)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX)  # gloo: a CPU tensor of three numbers, NCCL never involved
+        earliest, stop_any, signum = (int(v) for v in box)
+        if stop_any and sup.signum is None and signum:
+            sup.signum = signum  # a rank no signal reached stops as if it had: the same message, the same exit code
+        return (-earliest if -earliest != NO_BAD_STEP else -1), bool(stop_any)
 
-    return agreed
+    return agree

@@ -161,6 +161,10 @@ def backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: to
         optimizer.step()
 
 
+# (this rank's first non-finite-loss step or -1, stop asked here) -> the same two facts agreed by every rank
+Agree = Callable[[int, bool], tuple[int, bool]]
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Batches,
@@ -175,13 +179,16 @@ def train_one_epoch(
     start: EpochTotals | None = None,
     on_progress: Callable[[EpochTotals, int], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    agree: Agree | None = None,
     epoch: int = 0,
     heartbeat: Callable[[int], None] | None = None,
 ) -> EpochResult:
     """One pass over `batches` (continuing from `start` after a resume); returns the epoch totals.
 
+    Metrics are read every `log_every` steps and after the last one. Only there is `should_stop()` asked and,
+    under DDP, `agree(first_bad, stop)` called (one collective a read), so every rank stops after the same
+    step, or raises the same DivergenceError at the earliest non-finite loss of any rank.
     `heartbeat(step)` is called after every optimizer step (the stall watchdog's clock).
-    Raises DivergenceError at the first non-finite loss (found at the next metrics read).
     """
     model.train()
     totals = EpochTotals(**(start.to_dict() if start else {}))
@@ -195,9 +202,12 @@ def train_one_epoch(
     total_steps = totals.step + len(batches)  # type: ignore[arg-type]
     memory_format = input_memory_format(model)
 
-    def read() -> None:
+    def read() -> bool:
+        """Moves the device sums into `totals`; True when a stop was asked (on any rank)."""
         nonlocal count
-        bad = int(first_bad)
+        bad, stop = int(first_bad), should_stop()  # int(): the host waits for the device here anyway
+        if agree is not None:
+            bad, stop = agree(bad, stop)
         if bad >= 0:
             lr = lrs[bad - totals.step] if 0 <= bad - totals.step < len(lrs) else optimizer.param_groups[0]["lr"]
             raise DivergenceError(
@@ -213,6 +223,7 @@ def train_one_epoch(
         totals.seconds = time.perf_counter() - t0
         loss_sum.zero_(), correct.zero_(), lrs.clear()
         count = 0
+        return stop
 
     interrupted = False
     for images, labels in batches:
@@ -233,13 +244,13 @@ def train_one_epoch(
         if heartbeat is not None:
             heartbeat(step)
         if len(lrs) >= log_every or step + 1 == total_steps:
-            read()
+            interrupted = read()
             if on_progress is not None:
                 on_progress(totals, total_steps)
-        if should_stop():
-            interrupted = True
-            break
-    read()
+            if interrupted:
+                break
+    if lrs:  # fewer batches than len() said: every rank has as many (padded shards), so all of them read here
+        interrupted = read()
     return EpochResult(totals, interrupted)
 
 

@@ -292,7 +292,8 @@ def run_epoch(run: Run, epoch: int, bars: Bars, sup: Supervisor) -> tuple[EpochT
             scaler=run.scaler, step_scheduler=run.scheduler if run.interval == "step" else None, log_every=log_every,
             start=partial, on_progress=lambda tot, n: bars.update_inner(tot.step,
                                                                         f"loss {tot.loss:.3f} acc {percent(tot.acc)}"),
-            should_stop=distributed.any_rank(sup.requested, run.world), epoch=epoch,  # [ddp] all stop together
+            should_stop=sup.requested, agree=distributed.agreement(run.world, sup),  # [ddp] all stop together
+            epoch=epoch,
             heartbeat=lambda step: sup.beat(f"epoch {epoch}, step {step + 1}", step=True),
         )
     except DivergenceError as e:  # nothing of this epoch is saved: last.pt and best.pt stay as they were
