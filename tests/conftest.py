@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,6 +25,30 @@ SHARED_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 # Tiny and fast: width-8 ResNet18 on 96+32 synthetic images.
 TINY = ["data=synthetic", "data.train_size=128", "data.val_size=32", "data.test_size=64", "data.batch_size=32",
         "model.width=8", "trainer.epochs=2", "eval.batch_size=64"]
+
+
+def selects_cuda_tests(markexpr: str) -> bool:
+    """Whether `pytest -m EXPR` asks for the CUDA tests (`-m cuda`, `-m "cuda or slow"`, not `-m "not cuda"`)."""
+    return re.search(r"(?<!not )\bcuda\b", markexpr or "") is not None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite runs on the CPU, GPU or not: `trainer.device=auto` would pick CUDA, whose autotuned kernels make a
+    resumed run differ from an uninterrupted one. `pytest -m cuda` runs the tests marked for CUDA, on the GPU."""
+    if not selects_cuda_tests(config.getoption("markexpr")):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA is first touched; subprocesses inherit it
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` skip without a visible GPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA: run `pytest -m cuda` on a GPU machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)

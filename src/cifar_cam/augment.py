@@ -99,6 +99,11 @@ def batch_seed(seed: int, epoch: int, batch: int) -> int:
     return int(np.random.SeedSequence([seed % 2**64, epoch, batch]).generate_state(1, np.uint64)[0])
 
 
+def full_batches_end(shard_size: int, batch_size: int, drop_last: bool) -> int:
+    """Where an epoch's positions end: the shard's end, or (drop_last) the end of its last full batch."""
+    return shard_size - shard_size % batch_size if drop_last else shard_size
+
+
 class EpochSampler(Sampler):
     """A seeded permutation per epoch, yielding (index, epoch, batch number) keys.
 
@@ -107,18 +112,20 @@ class EpochSampler(Sampler):
     whatever the number of DataLoader workers.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False) -> None:
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.rank, self.world_size = rank, world_size  # DDP: this rank's shard (see shard())
         self.shard_size = -(-n // world_size)
+        self.end = full_batches_end(self.shard_size, batch_size, drop_last)
         self.epoch, self.start_batch = 0, 0
 
     def __len__(self) -> int:
-        return max(0, self.shard_size - self.start_batch * self.batch_size)
+        return max(0, self.end - self.start_batch * self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
         order = shard(epoch_order(self.n, self.seed, self.epoch), self.rank, self.world_size).tolist()
-        for position in range(self.start_batch * self.batch_size, self.shard_size):
+        for position in range(self.start_batch * self.batch_size, self.end):
             # Batch numbers are global (local batch b of rank r is b*W + r): no two ranks share augmentation draws.
             yield order[position], self.epoch, (position // self.batch_size) * self.world_size + self.rank
 
@@ -147,8 +154,8 @@ class LoaderBatches:
     """Training batches through a DataLoader (albumentations backend), normalized on the device."""
 
     def __init__(self, arrays: ImageArrays, transform: A.Compose, *, batch_size: int, num_workers: int,
-                 seed: int, device: torch.device, rank: int = 0, world_size: int = 1) -> None:
-        self.sampler = EpochSampler(len(arrays), batch_size, seed, rank, world_size)
+                 seed: int, device: torch.device, rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
+        self.sampler = EpochSampler(len(arrays), batch_size, seed, rank, world_size, drop_last)
         extra: dict[str, Any] = {}
         if num_workers > 0:  # tuned for tiny images: keep workers alive, a few batches in flight each
             extra = {"persistent_workers": True, "prefetch_factor": 4}
@@ -300,7 +307,7 @@ class DeviceBatches:
     """
 
     def __init__(self, arrays: ImageArrays, aug: Mapping[str, Any], *, batch_size: int, seed: int,
-                 device: torch.device, rank: int = 0, world_size: int = 1) -> None:
+                 device: torch.device, rank: int = 0, world_size: int = 1, drop_last: bool = False) -> None:
         n, height, width, _ = arrays.images.shape
         if height != width:
             raise ConfigError(f"aug.backend=torch needs square images, got {height}x{width}; set data.image_size")
@@ -310,6 +317,7 @@ class DeviceBatches:
         self.batch_size, self.seed, self.device = batch_size, seed, device
         self.rank, self.world_size = rank, world_size  # DDP: this rank's shard (see shard())
         self.shard_size = -(-len(self.labels) // world_size)
+        self.end = full_batches_end(self.shard_size, batch_size, drop_last)
         self.epoch, self.start_batch = 0, 0
         self.generator = torch.Generator(device=device)
 
@@ -319,7 +327,7 @@ class DeviceBatches:
 
     def __len__(self) -> int:
         """Batches left in this epoch."""
-        total = (self.shard_size + self.batch_size - 1) // self.batch_size
+        total = (self.end + self.batch_size - 1) // self.batch_size
         return max(0, total - self.start_batch)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -373,14 +381,18 @@ TrainBatches = LoaderBatches | DeviceBatches
 
 
 def build_train_batches(arrays: ImageArrays, aug: Mapping[str, Any], *, batch_size: int, num_workers: int,
-                        seed: int, device: torch.device, rank: int = 0, world_size: int = 1) -> TrainBatches:
-    """The training batches for `aug.backend` (DDP: of this rank's shard); normalized (x, y) on the device."""
+                        seed: int, device: torch.device, rank: int = 0, world_size: int = 1,
+                        drop_last: bool = False) -> TrainBatches:
+    """The training batches for `aug.backend` (DDP: of this rank's shard); normalized (x, y) on the device.
+
+    `drop_last`: every batch full (a compiled model sees one shape); the epoch's last partial batch is skipped.
+    """
     backend = aug.get("backend", "albumentations")
     if backend == "albumentations":
         transform = build_train_transform(aug, image_size=arrays.images.shape[1])
         return LoaderBatches(arrays, transform, batch_size=batch_size, num_workers=num_workers,
-                             seed=seed, device=device, rank=rank, world_size=world_size)
+                             seed=seed, device=device, rank=rank, world_size=world_size, drop_last=drop_last)
     if backend == "torch":  # num_workers is not used: there is no loader
         return DeviceBatches(arrays, aug, batch_size=batch_size, seed=seed, device=device, rank=rank,
-                             world_size=world_size)
+                             world_size=world_size, drop_last=drop_last)
     raise ConfigError(f"aug.backend={backend!r} is not one of {list(BACKENDS)}")

@@ -28,6 +28,17 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
         torch.save({"format": FORMAT, **payload}, f)
 
 
+def detached_copy(obj: Any) -> Any:
+    """`obj` with every tensor cloned (dicts and lists copied): a payload that later training steps do not change."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: detached_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(detached_copy(v) for v in obj)
+    return obj
+
+
 def remove_stale_temp_files(directory: str | Path) -> list[Path]:
     """Deletes the temp files of checkpoint writes a kill cut short (`.<name>.pt.*.tmp`); returns them."""
     stale = sorted(Path(directory).glob(".*.pt.*.tmp"))
@@ -75,8 +86,11 @@ def run_dir_of(checkpoint_path: str | Path) -> Path:
     return path.parent.parent if path.parent.name == "checkpoints" else path.parent
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, numpy, torch and CUDA RNG states as tensors and plain types (weights_only-safe)."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Python, numpy, torch and (on CUDA) the training GPU's RNG states, as tensors and plain types (weights_only-safe).
+
+    One CUDA state, the training device's: a checkpoint written on an 8-GPU machine resumes on one.
+    """
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "python": list(random.getstate()[1]),
@@ -85,18 +99,24 @@ def rng_state() -> dict[str, Any]:
         "numpy_pos": int(np_state[2]),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restores what rng_state() captured."""
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restores what rng_state() captured; the CUDA state goes to `device` (when training there)."""
     random.setstate((state["python_pos"], tuple(state["python"]), None))
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per GPU visible when they were written
+        if not cuda:
+            return
+        cuda = cuda[device.index if device.index is not None and device.index < len(cuda) else 0]
+    torch.cuda.set_rng_state(cuda, device)
 
 
 def model_from_checkpoint(payload: dict[str, Any]) -> torch.nn.Module:

@@ -478,6 +478,9 @@ def report_main(args: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `cifar-cam` console script."""
+    from cifar_cam.provenance import mark_command_start
+
+    mark_command_start()
     try:
         _main(argv)
     except KeyboardInterrupt:  # Ctrl-C before a task started (or after it ended): nothing to save

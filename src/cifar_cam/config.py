@@ -191,6 +191,8 @@ def _validate_trainer(c: DictConfig, command: str) -> None:
     _check(c, "trainer.label_smoothing", _number_in(0, 1, high_open=True), "a number in [0, 1)")
     _check(c, "trainer.log_every", lambda v: v == "auto" or (_is_int(v) and v >= 1), "'auto' or an integer >= 1")
     _check(c, "trainer.compile", _is_bool, "true or false")
+    _check(c, "trainer.checkpoint_every", _int_at_least(1), "an integer >= 1 (epochs between checkpoint writes)",
+           optional=True)
     _check(c, "trainer.channels_last", _is_bool, "true or false")
     _check(c, "trainer.deterministic", _is_bool, "true or false")
     _check(c, "trainer.strategy", _choice(STRATEGIES), "auto, single or ddp", optional=True)

@@ -8,12 +8,26 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from cifar_cam.io import cores, write_json
+
+_COMMAND_STARTED: list[float] = []  # time.monotonic() at the CLI's entry, until a task takes it
+
+
+def mark_command_start() -> None:
+    """Called first thing by the CLI: summary.json's wall_seconds count from here (torch's import included)."""
+    _COMMAND_STARTED[:] = [time.monotonic()]
+
+
+def command_started() -> float | None:
+    """The CLI's start mark, taken once (a later job of a sweep, or an in-process call, gets None)."""
+    return _COMMAND_STARTED.pop() if _COMMAND_STARTED else None
+
 
 PACKAGES = ("cifar-cam", "torch", "torchvision", "albumentations", "hydra-core", "numpy")
 

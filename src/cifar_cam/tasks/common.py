@@ -80,7 +80,9 @@ def setup_runtime(cfg: DictConfig) -> torch.device:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)  # an op without a deterministic kernel warns
         torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.benchmark = False  # autotuning may pick another kernel after a resume
+        torch.backends.cuda.matmul.allow_tf32 = False  # TF32 rounds differently per kernel choice
+        torch.backends.cudnn.allow_tf32 = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

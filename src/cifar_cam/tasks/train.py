@@ -20,12 +20,21 @@ from torch import nn
 
 from cifar_cam import distributed, viz
 from cifar_cam.augment import ResizedBatches, build_train_batches, epoch_image_size
-from cifar_cam.checkpoint import load_checkpoint, remove_stale_temp_files, rng_state, save_checkpoint, set_rng_state
+from cifar_cam.checkpoint import (
+    detached_copy,
+    load_checkpoint,
+    remove_stale_temp_files,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from cifar_cam.checkpoint_config import apply_resume_changes, load_with_config, resume_changes, scheduler_span
 from cifar_cam.data import EvalBatches, resolve_num_workers
 from cifar_cam.engine import (
     EpochTotals,
+    autocast,
     evaluate,
+    input_memory_format,
     precision_name,
     resolve_precision,
     train_one_epoch,
@@ -34,6 +43,7 @@ from cifar_cam.errors import ConfigError, DivergenceError
 from cifar_cam.io import write_csv
 from cifar_cam.logs import Bars
 from cifar_cam.models import build_model
+from cifar_cam.provenance import command_started
 from cifar_cam.supervise import Supervisor, TrainingInterrupted
 from cifar_cam.tasks.common import (
     check_classes,
@@ -115,6 +125,10 @@ class Run:
     amp_dtype: torch.dtype | None
     num_params: int
     state: TrainState = field(default_factory=TrainState)
+    compile_seconds: float | None = None    # warm_up's, this session
+    graphs_after_warm_up: int = 0           # compiled_graphs() after warm_up: more at the end are recompiles
+    saved_epoch: int = 0                    # the epoch last.pt holds
+    pending_best: dict[str, Any] | None = None  # best.pt's payload, kept until the next checkpoint write
 
     @property
     def ckpt_dir(self) -> Path:
@@ -134,19 +148,32 @@ class Run:
             "epoch": s.epoch, "best_val_acc": s.best_val_acc, "best_epoch": s.best_epoch,
             "bad_epochs": s.bad_epochs, "history": s.history,
             "partial": None if partial is None else partial.to_dict(),
-            "rng": rng_state(), "classes": self.splits.classes, "config": plain(self.cfg),
+            "rng": rng_state(self.device), "classes": self.splits.classes, "config": plain(self.cfg),
             "overrides": cli_overrides(), "choices": group_choices(), "num_params": self.num_params,
             "train_images": s.train_images, "train_seconds": s.train_seconds,
             "num_threads": torch.get_num_threads(),
         }
 
-    def save(self, name: str, sup: Supervisor, partial: EpochTotals | None = None) -> None:
+    @property
+    def patience(self) -> int | None:
+        """Early stopping's patience; None (off) without a val split, where nothing is selected."""
+        return self.cfg.trainer.early_stopping.patience if self.val_batches is not None else None
+
+    def save(self, name: str, sup: Supervisor, payload: dict[str, Any]) -> None:
         """checkpoints/<name>.pt, atomically; the watchdog counts the write as progress."""
         sup.beat(f"epoch {self.state.epoch}, writing {name}.pt")
-        save_checkpoint(self.payload(partial), self.ckpt_dir / f"{name}.pt")
+        save_checkpoint(payload, self.ckpt_dir / f"{name}.pt")
         sup.beat(f"epoch {self.state.epoch}, {name}.pt written")
-        if name == "last":
-            sup.last_checkpoint = f"{self.ckpt_dir / 'last.pt'} (epoch {self.state.epoch})"
+
+    def write_checkpoints(self, sup: Supervisor, partial: EpochTotals | None = None) -> None:
+        """last.pt as the run stands (`partial`: an epoch a signal cut short), and best.pt when a better epoch
+        came since the last write (trainer.checkpoint_every: it waits in memory until then)."""
+        if self.pending_best is not None:
+            self.save("best", sup, self.pending_best)
+            self.pending_best = None
+        self.save("last", sup, self.payload(partial))
+        self.saved_epoch = self.state.epoch
+        sup.last_checkpoint = f"{self.ckpt_dir / 'last.pt'} (epoch {self.state.epoch})"
 
 
 def note_validation_cost(cfg: DictConfig, splits: Any) -> None:
@@ -159,6 +186,54 @@ def note_validation_cost(cfg: DictConfig, splits: Any) -> None:
                  "would make it ~%.0f%% (data.val_size picks the images held out of train for model selection)",
                  val_images, 100 * (val_images / 3) / (train_images + val_images / 3), train_images, suggested,
                  100 * (suggested / 3) / (train_images + suggested / 3))
+
+
+def note_dropped_batch(train_images: int, batch_size: int, world_size: int) -> None:
+    """One log line when trainer.compile drops each epoch's last partial batch, and refuses data with no full one."""
+    per_rank = -(-train_images // world_size)
+    if per_rank < batch_size:
+        raise ConfigError(f"trainer.compile=true trains on full batches only, but {train_images} training images "
+                          f"make no full batch of data.batch_size={batch_size}; lower data.batch_size or compile=false")
+    if per_rank % batch_size:
+        log.info("trainer.compile: each epoch's last partial batch (%d of %d images%s) is dropped, so that the "
+                 "compiled model sees one shape; the epoch order is reshuffled, so those images train in other "
+                 "epochs", per_rank % batch_size, per_rank, " per rank" if world_size > 1 else "")
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process so far (dynamo's counter)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def warm_up(run: Run, sup: Supervisor) -> float | None:
+    """Compiles the training step before epoch 1, one forward + backward per training image size on zeros, and
+    puts the weights back: compile time stays out of the epochs' seconds. Returns its seconds (None: no compile)."""
+    t = run.cfg.trainer
+    if not t.compile or run.state.epoch >= t.epochs:
+        return None
+    full = run.splits.train.images.shape[1]
+    schedule = list(t.get("progressive_resize") or [])
+    sizes = sorted({epoch_image_size(schedule, e, full) for e in range(run.state.epoch + 1, t.epochs + 1)})
+    saved = {k: v.detach().clone() for k, v in run.model.state_dict().items()}  # BatchNorm statistics move too
+    started = time.perf_counter()
+    run.train_model.train()
+    for size in sizes:
+        sup.beat(f"compiling the training step for {size}px images")
+        images = torch.zeros(run.cfg.data.batch_size, 3, size, size, device=run.device)
+        with autocast(run.device, run.amp_dtype):
+            logits = run.train_model(images.contiguous(memory_format=input_memory_format(run.model)))
+        logits.float().sum().backward()  # the backward graph compiles at its first call
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    seconds = time.perf_counter() - started
+    run.model.load_state_dict(saved)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.graphs_after_warm_up = compiled_graphs()
+    log.info("compiled the training step in %.1fs (%s px; summary.json: compile_seconds)", seconds,
+             ", ".join(map(str, sizes)))
+    return seconds
 
 
 def build_run(cfg: DictConfig, out: Path, resume: dict[str, Any] | None, sup: Supervisor) -> Run:
@@ -178,9 +253,13 @@ def build_run(cfg: DictConfig, out: Path, resume: dict[str, Any] | None, sup: Su
     if resume is not None:
         model.load_state_dict(resume["model"])
     model.to(device, memory_format=memory_format_for(model, device, t.channels_last))
+    # a compiled model gets full batches only: one shape, one graph (the partial batch's images come in other epochs)
     batches = build_train_batches(splits.train, cfg.aug, batch_size=cfg.data.batch_size,
                                   num_workers=resolve_num_workers(cfg.data.num_workers), seed=cfg.seed, device=device,
-                                  rank=world.rank, world_size=world.size)  # [ddp] this rank's shard
+                                  rank=world.rank, world_size=world.size,  # [ddp] this rank's shard
+                                  drop_last=t.compile)
+    if t.compile:
+        note_dropped_batch(len(splits.train), cfg.data.batch_size, world.size)
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     if cfg.optimizer.lr == "auto":
         from cifar_cam.tasks.lr_find import suggest_lr_for_training
@@ -190,10 +269,12 @@ def build_run(cfg: DictConfig, out: Path, resume: dict[str, Any] | None, sup: Su
     optimizer = instantiate(cfg.optimizer)(model.parameters())
     scheduler, interval = build_scheduler(cfg, optimizer, t.epochs, len(batches))
     amp_dtype = resolve_precision(t.precision, device)
-    train_model = torch.compile(model) if t.compile else model  # save `model`: no _orig_mod. prefix
-    if world.distributed:  # [ddp] gradients all-reduced through DDP; evaluation uses the plain module
-        ddp_model = distributed.wrap(model, device, sync_batchnorm=t.get("sync_batchnorm", False))
-        train_model = torch.compile(ddp_model) if t.compile else ddp_model
+    # Evaluation uses the plain `model` (eager): a compiled one would recompile for eval mode and other batch sizes;
+    # checkpoints save it too (no _orig_mod. prefix).
+    train_model = distributed.wrap(model, device, sync_batchnorm=t.get("sync_batchnorm", False)) \
+        if world.distributed else model  # [ddp] gradients all-reduced through DDP
+    if t.compile:  # static shapes: a shape it has not seen is a recompile, counted in summary.json
+        train_model = torch.compile(train_model, dynamic=False)
     return Run(cfg=cfg, out=out, device=device, world=world, splits=splits, model=model, train_model=train_model,
                optimizer=optimizer, scheduler=scheduler, interval=interval,
                scaler=torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None, batches=batches,
@@ -208,7 +289,7 @@ def restore(run: Run, resume: dict[str, Any]) -> None:
         run.scheduler.load_state_dict(resume["scheduler"])
     if run.scaler is not None and resume.get("scaler") is not None:
         run.scaler.load_state_dict(resume["scaler"])
-    set_rng_state(resume["rng"])
+    set_rng_state(resume["rng"], run.device)
     run.state = TrainState.from_checkpoint(resume)
     # load_state_dict brought back the run's hyperparameters: the command line's changes go on top
     apply_resume_changes(resume_changes(resume["config"], run.cfg), run.optimizer, run.scheduler)
@@ -222,10 +303,12 @@ def restore(run: Run, resume: dict[str, Any]) -> None:
 
 
 def train(cfg: DictConfig) -> float:
-    """Trains, checkpointing every epoch; evaluates the best checkpoint on test. Returns best val acc.
+    """Trains, checkpointing every trainer.checkpoint_every epochs; evaluates the best checkpoint on test.
+    Returns best val acc.
 
     SIGINT / SIGTERM stop it cleanly, a stall ends it (Supervisor); `ckpt=` resumes a run exactly where it stopped.
     """
+    started = command_started() or time.monotonic()  # the CLI's start (before torch loaded), else now
     out = run_dir()
     t = cfg.trainer
     with Supervisor("train", stall_timeout=t.get("stall_timeout", "auto"), stop_grace=t.get("stop_grace", 30),
@@ -235,11 +318,13 @@ def train(cfg: DictConfig) -> float:
         if resume is not None:
             restore(run, resume)
             sup.last_checkpoint = f"{run.ckpt_dir / 'last.pt'} (epoch {run.state.epoch})"
+            run.saved_epoch = run.state.epoch
         sup.resume_hint = run.resume_hint
+        run.compile_seconds = warm_up(run, sup)
         stopped_early = train_epochs(run, sup)
         if not run.world.is_main:  # [ddp] rank 0 alone tests the best checkpoint and writes summary.json
             return float(run.state.best_val_acc)
-        final_test(run, stopped_early, sup)
+        final_test(run, stopped_early, sup, started)
         return float(run.state.best_val_acc)
 
 
@@ -248,7 +333,9 @@ def train_epochs(run: Run, sup: Supervisor) -> bool:
     cfg, t, state = run.cfg, run.cfg.trainer, run.state
     for stale in remove_stale_temp_files(run.ckpt_dir) if run.ckpt_dir.is_dir() and run.world.is_main else []:
         log.info("removed %s, the remains of a checkpoint write that was killed", stale.name)
-    patience = t.early_stopping.patience
+    patience = run.patience
+    if t.early_stopping.patience is not None and run.val_batches is None:
+        log.info("early stopping is off: it needs a val split (data.val_size > 0); best.pt is the last epoch")
     log.info("model: %s width %d, %s parameters, on %s%s%s", cfg.model.name, cfg.model.width, f"{run.num_params:,}",
              run.device, "" if run.amp_dtype is None else f", {precision_name(run.amp_dtype)} autocast",
              ", compiled" if t.compile else "")
@@ -297,14 +384,14 @@ def run_epoch(run: Run, epoch: int, bars: Bars, sup: Supervisor) -> tuple[EpochT
             heartbeat=lambda step: sup.beat(f"epoch {epoch}, step {step + 1}", step=True),
         )
     except DivergenceError as e:  # nothing of this epoch is saved: last.pt and best.pt stay as they were
-        kept = (f"{run.ckpt_dir / 'last.pt'} (epoch {state.epoch}) is intact: resume with a lower rate: "
+        kept = (f"{run.ckpt_dir / 'last.pt'} (epoch {run.saved_epoch}) is intact: resume with a lower rate: "
                 f"cifar-cam train ckpt={shlex.quote(str(run.out))} optimizer.lr=..."
                 if (run.ckpt_dir / "last.pt").is_file() else "nothing was saved")
         raise DivergenceError(f"{e}; {kept}") from None
     totals = distributed.all_reduce_totals(result.totals, partial, run.world)  # [ddp] over all ranks' shards
     if result.interrupted:
         if run.world.is_main:
-            run.save("last", sup, partial=totals)
+            run.write_checkpoints(sup, partial=totals)
         name = signal.Signals(sup.signum).name  # type: ignore[arg-type]
         raise TrainingInterrupted(f"{name}: stopped at epoch {epoch}, step {totals.step}; saved "
                                   f"{run.ckpt_dir / 'last.pt'}; {run.resume_hint}", sup.signum)  # type: ignore[arg-type]
@@ -314,7 +401,8 @@ def run_epoch(run: Run, epoch: int, bars: Bars, sup: Supervisor) -> tuple[EpochT
 
 
 def end_of_epoch(run: Run, epoch: int, totals: EpochTotals, size: int, bars: Bars, sup: Supervisor) -> bool:
-    """Validation, the scheduler, early stopping, metrics.csv, checkpoints, curves; True to stop early."""
+    """Validation, the scheduler, early stopping, metrics.csv, checkpoints and curves (every
+    trainer.checkpoint_every epochs and at the end); True to stop early."""
     t, state = run.cfg.trainer, run.state
     val_started = time.perf_counter()
     val = (evaluate(run.model, run.val_batches, run.splits.num_classes, device=run.device, amp_dtype=run.amp_dtype,
@@ -323,10 +411,11 @@ def end_of_epoch(run: Run, epoch: int, totals: EpochTotals, size: int, bars: Bar
     monitored = distributed.from_rank0(val.acc if val is not None else totals.acc, run.world)  # [ddp] one decision
     if run.scheduler is not None and run.interval == "epoch":
         if isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            run.scheduler.step(monitored)
+            run.scheduler.step(monitored)  # without a val split: on train accuracy (a schedule, not a selection)
         else:
             run.scheduler.step()
-    improved = monitored > state.best_val_acc + t.early_stopping.min_delta
+    # Without a val split best.pt is the last epoch: a best picked on augmented train accuracy is no selection.
+    improved = val is None or monitored > state.best_val_acc + t.early_stopping.min_delta
     if improved:
         state.best_val_acc, state.best_epoch, state.bad_epochs = monitored, epoch, 0
     else:
@@ -338,31 +427,36 @@ def end_of_epoch(run: Run, epoch: int, totals: EpochTotals, size: int, bars: Bar
         "lr": totals.last_lr,  # the LR of the epoch's last step (a scheduler may since have moved on)
         "seconds": round(totals.seconds + time.perf_counter() - val_started, 3),
     })
+    patience = run.patience
+    stop_early = patience is not None and state.bad_epochs >= patience
+    write_now = (epoch % t.get("checkpoint_every", 1) == 0 or epoch == t.epochs or stop_early
+                 or sup.requested())  # a signal during the epoch's last steps or validation: saved below
     if run.world.is_main:  # [ddp] only rank 0 writes
         write_csv(run.out / "metrics.csv", state.history, METRIC_FIELDS)  # all rows: never torn or doubled
-        if improved:
-            run.save("best", sup)
-        run.save("last", sup)
-        viz.plot_curves(state.history, run.out / "curves.png")
+        if improved:  # written now, or copied to wait in memory for the next write
+            run.pending_best = run.payload() if write_now else detached_copy(run.payload())
+        if write_now:
+            run.write_checkpoints(sup)
+            viz.plot_curves(state.history, run.out / "curves.png")
     row = state.history[-1]
     log.info("epoch %d/%d  train loss %.4f acc %s  val loss %s acc %s  lr %.3g  %.1fs%s%s",
              epoch, t.epochs, row["train_loss"], percent(row["train_acc"]),
              "-" if val is None else f"{val.loss:.4f}", percent(row["val_acc"]), row["lr"], row["seconds"],
-             "" if size == run.splits.train.images.shape[1] else f"  ({size}px)", "  *best*" if improved else "")
-    bars.advance_outer(epoch, f"best {percent(state.best_val_acc)}")
+             "" if size == run.splits.train.images.shape[1] else f"  ({size}px)",
+             "  *best*" if improved and val is not None else "")
+    bars.advance_outer(epoch, f"best {percent(state.best_val_acc)}" if val is not None else "")
     if sup.requested():  # the signal came during validation or the checkpoint writes
         name = signal.Signals(sup.signum).name  # type: ignore[arg-type]
         raise TrainingInterrupted(f"{name}: stopped after epoch {epoch}; saved {run.ckpt_dir / 'last.pt'}; "
                                   f"{run.resume_hint}", sup.signum)  # type: ignore[arg-type]
-    patience = t.early_stopping.patience
-    if patience is not None and state.bad_epochs >= patience:
+    if stop_early:
         log.info("early stopping: no val improvement > %g for %d epochs", t.early_stopping.min_delta, patience)
         return True
     return False
 
 
-def final_test(run: Run, stopped_early: bool, sup: Supervisor) -> None:
-    """The test set, touched once, with the best checkpoint; summary.json."""
+def final_test(run: Run, stopped_early: bool, sup: Supervisor, started: float) -> None:
+    """The test set, touched once, with the best checkpoint; summary.json (`started`: time.monotonic() at the start)."""
     cfg, state = run.cfg, run.state
     sup.armed = False
     sup.unarmed_message = (f"during the final test evaluation; the checkpoints are complete: "
@@ -380,8 +474,12 @@ def final_test(run: Run, stopped_early: bool, sup: Supervisor) -> None:
         "epochs_run": len(state.history),
         "stopped_early": stopped_early,
         "train_seconds": round(sum(r["seconds"] for r in state.history), 3),
+        "wall_seconds": None,  # set last: the command's start to summary.json written
         "images_per_second": (round(state.train_images / state.train_seconds, 1) if state.train_seconds > 0
                               else None),
+        "compile_seconds": None if run.compile_seconds is None else round(run.compile_seconds, 3),
+        # graphs compiled after the warm-up: each is a shape the compiled step had not seen (0 is the goal)
+        "recompiles": None if run.compile_seconds is None else compiled_graphs() - run.graphs_after_warm_up,
         "tta": cfg.eval.tta,
         "num_params": run.num_params,
         "device": str(run.device),
@@ -389,6 +487,7 @@ def final_test(run: Run, stopped_early: bool, sup: Supervisor) -> None:
         "world_size": run.world.size,  # [ddp] processes that trained; a step saw world_size x data.batch_size images
         "per_class_test_acc": dict(zip(run.splits.classes, test.per_class_acc, strict=True)),
     }
+    summary["wall_seconds"] = round(time.monotonic() - started, 3)
     write_json(run.out / "summary.json", summary)
     log.info("test accuracy %s (loss %.4f) with the best checkpoint (epoch %d, val %s)%s", percent(test.acc),
              test.loss, state.best_epoch, percent(summary["best_val_acc"]), ", flip TTA" if cfg.eval.tta else "")
