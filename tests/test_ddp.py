@@ -235,7 +235,8 @@ def test_one_collective_per_metrics_read_not_per_step(monkeypatch: pytest.Monkey
     assert distributed.agreement(World(), sup) is None  # type: ignore[arg-type]
 
 
-def test_a_stop_is_honoured_at_the_next_read() -> None:
+@pytest.mark.parametrize(("ranks", "stopped_after"), [(1, 2), (2, 4)])
+def test_a_stop_ends_one_process_after_the_step_and_ranks_at_the_next_read(ranks: int, stopped_after: int) -> None:
     asked = False
 
     def heartbeat(step: int) -> None:
@@ -243,9 +244,10 @@ def test_a_stop_is_honoured_at_the_next_read() -> None:
         asked = asked or step == 1  # SIGINT during step 2
 
     model, batches, optimizer = tiny_epoch(10)
+    agree = (lambda bad, stop: (bad, stop)) if ranks > 1 else None  # as agreement() with the others quiet
     result = train_one_epoch(model, batches, optimizer, nn.CrossEntropyLoss(), device=torch.device("cpu"),
-                             log_every=4, should_stop=lambda: asked, heartbeat=heartbeat)
-    assert result.interrupted and result.totals.step == 4 and result.totals.count == 16
+                             log_every=4, should_stop=lambda: asked, heartbeat=heartbeat, agree=agree)
+    assert result.interrupted and result.totals.step == stopped_after and result.totals.count == 4 * stopped_after
 
 
 def test_another_ranks_stop_signal_is_adopted(monkeypatch: pytest.MonkeyPatch) -> None:

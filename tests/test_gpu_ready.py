@@ -148,6 +148,37 @@ def test_checkpoints_and_curves_are_written_every_n_epochs_and_at_the_end(
     assert s["wall_seconds"] >= s["train_seconds"] > 0
 
 
+def test_a_crash_between_writes_redoes_those_epochs_and_compile_may_not_change_the_steps(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cifar_cam.errors import ConfigError
+
+    real = train_task.train_one_epoch
+    calls: list[int] = []
+
+    def crash_at(n: int):  # noqa: ANN202
+        def train_one_epoch(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls.append(1)
+            if len(calls) == n:
+                raise RuntimeError("the machine went down")
+            return real(*args, **kwargs)
+        return train_one_epoch
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(train_task, "train_one_epoch", crash_at(4))  # during epoch 4; last.pt holds epoch 2
+    with pytest.raises(RuntimeError, match="went down"):
+        train_task.train(compose_cfg("train", [*TINY, "data.batch_size=40", "trainer.epochs=4",
+                                               "trainer.checkpoint_every=2"], run_dir=run))
+    assert len(csv_rows(run)) == 3 and checkpoint.load_checkpoint(run, "last")["epoch"] == 2
+    # 96 images in batches of 40: 3 steps an epoch, 2 compiled (the partial batch dropped): not the same run
+    with pytest.raises(ConfigError, match="makes 2 steps an epoch, but the run being resumed took 3"):
+        train_task.train(compose_cfg("train", [f"ckpt={run}", "trainer.compile=true"], run_dir=run))
+    calls.clear()
+    monkeypatch.setattr(train_task, "train_one_epoch", crash_at(1))
+    with pytest.raises(RuntimeError, match="went down"):
+        train_task.train(compose_cfg("train", [f"ckpt={run}"], run_dir=run))
+    assert [r["epoch"] for r in csv_rows(run)] == [1, 2]  # epoch 3's row went with the epochs it redoes
+
+
 def test_checkpoint_every_is_validated_before_torch() -> None:
     from conftest import run_cli
 

@@ -9,6 +9,7 @@ class names, and the config as a plain dict (the architecture is rebuilt from it
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,12 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     """Writes `payload` to `path` atomically (io.atomic_path: temp file, fsync, rename, fsync dir)."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save({"format": FORMAT, **payload}, f)
+
+
+def copy_checkpoint(source: str | Path, target: str | Path) -> None:
+    """Copies a checkpoint file atomically (best.pt from last.pt when they are the same epoch)."""
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def detached_copy(obj: Any) -> Any:

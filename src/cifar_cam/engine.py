@@ -185,9 +185,10 @@ def train_one_epoch(
 ) -> EpochResult:
     """One pass over `batches` (continuing from `start` after a resume); returns the epoch totals.
 
-    Metrics are read every `log_every` steps and after the last one. Only there is `should_stop()` asked and,
-    under DDP, `agree(first_bad, stop)` called (one collective a read), so every rank stops after the same
-    step, or raises the same DivergenceError at the earliest non-finite loss of any rank.
+    Metrics are read every `log_every` steps and after the last one. Under DDP only there is `should_stop()`
+    asked and `agree(first_bad, stop)` called (one collective a read), so every rank stops after the same
+    step, or raises the same DivergenceError at the earliest non-finite loss of any rank; one process
+    (`agree` None) asks after every step.
     `heartbeat(step)` is called after every optimizer step (the stall watchdog's clock).
     """
     model.train()
@@ -243,7 +244,8 @@ def train_one_epoch(
         count += labels.numel()
         if heartbeat is not None:
             heartbeat(step)
-        if len(lrs) >= log_every or step + 1 == total_steps:
+        # One process asks for a stop after every step (free); ranks only at reads, where they agree anyway.
+        if len(lrs) >= log_every or step + 1 == total_steps or (agree is None and should_stop()):
             interrupted = read()
             if on_progress is not None:
                 on_progress(totals, total_steps)

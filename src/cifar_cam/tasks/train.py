@@ -21,6 +21,7 @@ from torch import nn
 from cifar_cam import distributed, viz
 from cifar_cam.augment import ResizedBatches, build_train_batches, epoch_image_size
 from cifar_cam.checkpoint import (
+    copy_checkpoint,
     detached_copy,
     load_checkpoint,
     remove_stale_temp_files,
@@ -128,6 +129,7 @@ class Run:
     compile_seconds: float | None = None    # warm_up's, this session
     graphs_after_warm_up: int = 0           # compiled_graphs() after warm_up: more at the end are recompiles
     saved_epoch: int = 0                    # the epoch last.pt holds
+    steps_per_epoch: int = 0                # a whole epoch's batches (compile drops a partial last one)
     pending_best: dict[str, Any] | None = None  # best.pt's payload, kept until the next checkpoint write
 
     @property
@@ -151,8 +153,13 @@ class Run:
             "rng": rng_state(self.device), "classes": self.splits.classes, "config": plain(self.cfg),
             "overrides": cli_overrides(), "choices": group_choices(), "num_params": self.num_params,
             "train_images": s.train_images, "train_seconds": s.train_seconds,
-            "num_threads": torch.get_num_threads(),
+            "num_threads": torch.get_num_threads(), "steps_per_epoch": self.steps_per_epoch,
         }
+
+    def already_stopped_early(self) -> bool:
+        """Whether the restored run had already stopped early (a resume then only tests again)."""
+        patience, s = self.patience, self.state
+        return patience is not None and s.epoch > 0 and s.bad_epochs >= patience
 
     @property
     def patience(self) -> int | None:
@@ -173,6 +180,8 @@ class Run:
             self.pending_best = None
         self.save("last", sup, self.payload(partial))
         self.saved_epoch = self.state.epoch
+        if self.val_batches is None and partial is None:  # no val split: best.pt is the last epoch
+            copy_checkpoint(self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt")
         sup.last_checkpoint = f"{self.ckpt_dir / 'last.pt'} (epoch {self.state.epoch})"
 
 
@@ -211,7 +220,7 @@ def warm_up(run: Run, sup: Supervisor) -> float | None:
     """Compiles the training step before epoch 1, one forward + backward per training image size on zeros, and
     puts the weights back: compile time stays out of the epochs' seconds. Returns its seconds (None: no compile)."""
     t = run.cfg.trainer
-    if not t.compile or run.state.epoch >= t.epochs:
+    if not t.compile or run.state.epoch >= t.epochs or run.already_stopped_early():  # nothing left to train
         return None
     full = run.splits.train.images.shape[1]
     schedule = list(t.get("progressive_resize") or [])
@@ -260,6 +269,10 @@ def build_run(cfg: DictConfig, out: Path, resume: dict[str, Any] | None, sup: Su
                                   drop_last=t.compile)
     if t.compile:
         note_dropped_batch(len(splits.train), cfg.data.batch_size, world.size)
+    if resume is not None and resume.get("steps_per_epoch") not in (None, len(batches)):
+        raise ConfigError(f"trainer.compile={str(t.compile).lower()} makes {len(batches)} steps an epoch, but the run "
+                          f"being resumed took {resume['steps_per_epoch']} (a compiled run drops each epoch's last "
+                          f"partial batch); resume with trainer.compile={str(not t.compile).lower()}")
     criterion = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     if cfg.optimizer.lr == "auto":
         from cifar_cam.tasks.lr_find import suggest_lr_for_training
@@ -276,6 +289,7 @@ def build_run(cfg: DictConfig, out: Path, resume: dict[str, Any] | None, sup: Su
     if t.compile:  # static shapes: a shape it has not seen is a recompile, counted in summary.json
         train_model = torch.compile(train_model, dynamic=False)
     return Run(cfg=cfg, out=out, device=device, world=world, splits=splits, model=model, train_model=train_model,
+               steps_per_epoch=len(batches),
                optimizer=optimizer, scheduler=scheduler, interval=interval,
                scaler=torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None, batches=batches,
                val_batches=EvalBatches(splits.val, cfg.eval.batch_size, device) if splits.val is not None else None,
@@ -291,6 +305,8 @@ def restore(run: Run, resume: dict[str, Any]) -> None:
         run.scaler.load_state_dict(resume["scaler"])
     set_rng_state(resume["rng"], run.device)
     run.state = TrainState.from_checkpoint(resume)
+    if run.world.is_main:  # epochs after the last checkpoint write (trainer.checkpoint_every) are redone
+        write_csv(run.out / "metrics.csv", run.state.history, METRIC_FIELDS)
     # load_state_dict brought back the run's hyperparameters: the command line's changes go on top
     apply_resume_changes(resume_changes(resume["config"], run.cfg), run.optimizer, run.scheduler)
     s = run.state
@@ -333,7 +349,6 @@ def train_epochs(run: Run, sup: Supervisor) -> bool:
     cfg, t, state = run.cfg, run.cfg.trainer, run.state
     for stale in remove_stale_temp_files(run.ckpt_dir) if run.ckpt_dir.is_dir() and run.world.is_main else []:
         log.info("removed %s, the remains of a checkpoint write that was killed", stale.name)
-    patience = run.patience
     if t.early_stopping.patience is not None and run.val_batches is None:
         log.info("early stopping is off: it needs a val split (data.val_size > 0); best.pt is the last epoch")
     log.info("model: %s width %d, %s parameters, on %s%s%s", cfg.model.name, cfg.model.width, f"{run.num_params:,}",
@@ -341,7 +356,7 @@ def train_epochs(run: Run, sup: Supervisor) -> bool:
              ", compiled" if t.compile else "")
     log.info("run dir: %s", run.out)
     last_epoch = t.epochs
-    if patience is not None and state.epoch and state.bad_epochs >= patience:
+    if run.already_stopped_early():
         log.info("the run already stopped early after %d epochs (no val improvement for %d): evaluating its best "
                  "checkpoint on test again", state.epoch, state.bad_epochs)
         return True
@@ -429,11 +444,13 @@ def end_of_epoch(run: Run, epoch: int, totals: EpochTotals, size: int, bars: Bar
     })
     patience = run.patience
     stop_early = patience is not None and state.bad_epochs >= patience
-    write_now = (epoch % t.get("checkpoint_every", 1) == 0 or epoch == t.epochs or stop_early
-                 or sup.requested())  # a signal during the epoch's last steps or validation: saved below
+    # a signal during the epoch's last steps or validation, on any rank [ddp]: saved below, then the run stops
+    agree = distributed.agreement(run.world, sup)
+    requested = agree(-1, sup.requested())[1] if agree is not None else sup.requested()
+    write_now = epoch % t.get("checkpoint_every", 1) == 0 or epoch == t.epochs or stop_early or requested
     if run.world.is_main:  # [ddp] only rank 0 writes
         write_csv(run.out / "metrics.csv", state.history, METRIC_FIELDS)  # all rows: never torn or doubled
-        if improved:  # written now, or copied to wait in memory for the next write
+        if improved and val is not None:  # written now, or copied to wait in memory for the next write
             run.pending_best = run.payload() if write_now else detached_copy(run.payload())
         if write_now:
             run.write_checkpoints(sup)
@@ -445,7 +462,7 @@ def end_of_epoch(run: Run, epoch: int, totals: EpochTotals, size: int, bars: Bar
              "" if size == run.splits.train.images.shape[1] else f"  ({size}px)",
              "  *best*" if improved and val is not None else "")
     bars.advance_outer(epoch, f"best {percent(state.best_val_acc)}" if val is not None else "")
-    if sup.requested():  # the signal came during validation or the checkpoint writes
+    if requested:  # the signal came during the last steps or validation (later ones: at the next epoch's read)
         name = signal.Signals(sup.signum).name  # type: ignore[arg-type]
         raise TrainingInterrupted(f"{name}: stopped after epoch {epoch}; saved {run.ckpt_dir / 'last.pt'}; "
                                   f"{run.resume_hint}", sup.signum)  # type: ignore[arg-type]
