@@ -1,22 +1,28 @@
 """scripts/gpu_check.sh --dry-run: the GPU check's plan fits its budget and every command line it would run is valid.
 
 No GPU, no network, no .gpu/ files: the dry run only plans, pre-checks each `cifar-cam` line with the CLI's
-torch-free check (all in one process) and writes gpu_check.json with every step "planned".
+torch-free check (all in one process) and writes gpu_check.json with every step "planned". Its python half,
+scripts/gpu_check_report.py, is also fed a made-up work dir: what a GPU run would leave, read back into figures.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+
+import pytest
 
 from conftest import REPO
 
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
+REPORT = REPO / "scripts" / "gpu_check_report.py"
 STEPS = ["setup", "env", "bench_quick", "synthetic", "pytest_cuda", "fast2_eager", "fast2_compiled", "fast_seeds",
          "bench_ceiling"]
 
@@ -79,3 +85,63 @@ def test_a_plan_over_the_budget_is_refused_before_anything_runs(tmp_path: Path) 
     result, doc = dry_run(tmp_path, GPU_CHECK_BUDGET="100")
     assert result.returncode == 1 and doc is None
     assert "exceed the budget" in result.stderr
+
+
+# -- scripts/gpu_check_report.py on what a run would leave ----------------------------------------------------------
+
+
+def load_report() -> ModuleType:
+    """scripts/gpu_check_report.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("gpu_check_report", REPORT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolves the annotations through it
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_train_run(runs: Path, name: str, epoch_seconds: list[float], **summary: Any) -> None:
+    """A run dir as `cifar-cam train` leaves it: summary.json and metrics.csv."""
+    (runs / name).mkdir(parents=True)
+    (runs / name / "summary.json").write_text(json.dumps({"device": "cuda:0", **summary}))
+    rows = "".join(f"{i + 1},{s}\n" for i, s in enumerate(epoch_seconds))
+    (runs / name / "metrics.csv").write_text("epoch,seconds\n" + rows)
+
+
+def test_the_report_reads_the_figures_of_a_run_and_fails_a_pass_whose_checks_do_not_hold(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    report = load_report()
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    plan = re.findall(r'^    "(\w+\|\w+\|\d+\|(?:fixed|flex)\|.*)"$', SCRIPT.read_text(), re.MULTILINE)
+    assert len(plan) == len(STEPS)
+    (work / "plan.tsv").write_text("\n".join(plan) + "\n")  # as the driver writes it from PLAN
+    runs = work / "runs"
+    fake_train_run(runs, "fast2_eager", [9.0, 4.0], test_acc=0.5)
+    fake_train_run(runs, "fast2_compiled", [30.0, 2.0], test_acc=0.5, compile_seconds=25.0, recompiles=0)
+    fake_train_run(runs, "fast_seed0", [3.0] * 26, test_acc=0.94, wall_seconds=100.0)
+    (runs / "fast_seed1").mkdir()  # cut short by the step's timeout: no summary.json
+    (work / "seeds.tsv").write_text("2\tskipped\t40\t100\n0\t0\t101\n")
+    for key, value in dict(GC_REPO=REPO, GC_WORK=work, GC_OUT=out, GC_DRY=0, GC_DEVICE="cuda", GC_BUDGET=360,
+                           GC_STARTED="now", GC_DEVICE_CALL_TIMEOUT=420).items():
+        monkeypatch.setenv(key, str(value))
+
+    for name in ("fast2_eager", "fast2_compiled"):
+        assert report.main(["finish", name, "pass", "0", "0", "2500000", "35"]) == 0
+    assert report.main(["finish", "fast_seeds", "timeout", "124", "0", "1000000", "150"]) == 0
+    assert report.main(["finish", "synthetic", "pass", "0", "0", "0", "50"]) == 0  # passed, but left no runs
+    assert report.main(["finish", "bench_ceiling", "not_selected", "-1", "0", "0", "0"]) == 0
+
+    doc = json.loads((out / "gpu_check.json").read_text())
+    steps = {s["name"]: s for s in doc["steps"]}
+    assert {k: steps[k]["status"] for k in ("fast2_eager", "fast_seeds", "synthetic", "bench_ceiling", "env")} == {
+        "fast2_eager": "pass", "fast_seeds": "timeout", "synthetic": "fail", "bench_ceiling": "not_selected",
+        "env": "not_run"}
+    assert steps["fast2_eager"]["seconds"] == 2.5 and steps["bench_ceiling"]["rc"] == -1
+    assert "the muon run finished on the device" in steps["synthetic"]["figures"]["failed_checks"]
+    seeds = steps["fast_seeds"]["figures"]
+    assert [(s["seed"], s["rc"], s["finished"]) for s in seeds["seeds"]] == [(0, 0, True), (1, None, False)]
+    assert seeds["skipped"] == [{"seed": 2, "seconds_left": 40, "last_seed_seconds": 100}]
+    assert seeds["finished"] == 1 and seeds["mean_test_acc"] == 0.94 and seeds["stdev_test_acc"] is None
+    assert doc["summary"]["compile_speedup_epoch2"] == 2.0 and doc["summary"]["compile_seconds"] == 25.0
+    planned = sum(int(row.split("|")[2]) for row in plan if "|bench_ceiling|" not in row)
+    assert doc["passed"] is False and doc["planned_seconds"] == planned  # bench_ceiling's seconds not counted
