@@ -120,3 +120,33 @@ def test_unknown_layer_fails_before_any_work(trained_run: Path, tmp_path: Path) 
     with pytest.raises(ConfigError, match="'layer9' is not in the model; valid names: conv1, bn1, relu, layer1"):
         gradcam(cfg)
     assert not (tmp_path / "gradcam.json").exists()
+
+
+def test_several_methods_share_one_grid_of_correct_images_of_chosen_classes(trained_run: Path, tmp_path: Path) -> None:
+    classes = load_checkpoint(trained_run)["classes"]
+    chosen = [classes[0], classes[3]]
+    cfg = compose_cfg("gradcam", [f"ckpt={trained_run}", "gradcam.methods=[gradcam,gradcam++]",
+                                  "gradcam.select=correct", f"gradcam.classes=[{chosen[0]},{chosen[1]}]",
+                                  "gradcam.num_images=4",
+                                  "gradcam.target_layers=[layer4]"], run_dir=tmp_path)
+    gradcam(cfg)
+    result = json.loads((tmp_path / "gradcam.json").read_text())
+    entries = result["images"]
+    assert result["methods"] == ["gradcam", "gradcam++"] and "method" not in result and result["classes"] == chosen
+    assert 0 < len(entries) <= 4
+    assert all(e["true"] == e["pred"] and e["true"] in chosen for e in entries)  # correct ones, of those classes
+    confidences = [e["confidence"] for e in entries]
+    assert confidences == sorted(confidences, reverse=True)
+    assert all(set(e["files"]) == {"gradcam layer4", "gradcam++ layer4"} for e in entries)
+    assert sorted(p.name for p in (tmp_path / "gradcam").iterdir()) == sorted(
+        f"{e['rank']:03d}_{m}_layer4.png" for e in entries for m in ("gradcam", "gradcam++"))
+    # two panels a row: the image, then a column per method
+    image = _png(tmp_path / "gradcam_grid.png")
+    layout = CamGridLayout(len(entries), 2, cols=2)
+    assert image.shape == (layout.size[1], layout.size[0], 3)
+
+
+def test_a_class_the_data_lacks_is_named(trained_run: Path, tmp_path: Path) -> None:
+    cfg = compose_cfg("gradcam", [f"ckpt={trained_run}", "gradcam.classes=[unicorn]"], run_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"gradcam.classes: \['unicorn'\] not among the data's classes"):
+        gradcam(cfg)

@@ -55,6 +55,10 @@ def _is_bool(v: Any) -> bool:
     return isinstance(v, bool)
 
 
+def _is_list(v: Any) -> bool:
+    return isinstance(v, (list, tuple)) or OmegaConf.is_list(v)
+
+
 def _positive(v: Any) -> bool:
     return _is_number(v) and v > 0
 
@@ -231,8 +235,14 @@ def _validate_gradcam(c: DictConfig, command: str) -> None:
         return
     _check(c, "gradcam.num_images", _int_at_least(1), "an integer >= 1")
     _check(c, "gradcam.method", _choice(CAM_METHODS), f"one of {list(CAM_METHODS)}")
+    _check(c, "gradcam.methods", lambda v: _is_list(v) and len(v) > 0 and all(m in CAM_METHODS for m in v),
+           f"null or a non-empty list of {list(CAM_METHODS)}, e.g. [gradcam,layercam]", optional=True)
     _check(c, "gradcam.select", _choice(CAM_SELECT), f"one of {list(CAM_SELECT)}")
+    _check(c, "gradcam.classes", lambda v: _is_list(v) and len(v) > 0 and all(isinstance(x, str) for x in v),
+           "null or a non-empty list of class names, e.g. [cat,dog]", optional=True)
     _check(c, "gradcam.target", _is_bool, "true or false")
+    _check(c, "gradcam.aug_smooth", _is_bool, "true or false", optional=True)
+    _check(c, "gradcam.eigen_smooth", _is_bool, "true or false", optional=True)
     _check(c, "gradcam.target_layers", lambda v: isinstance(v, (list, tuple)) or OmegaConf.is_list(v),
            "a list of layer names, e.g. [layer3,layer4]")
 

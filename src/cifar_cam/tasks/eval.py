@@ -27,14 +27,19 @@ log = logging.getLogger("cifar_cam.eval")
 
 
 def misclassified(predictions: Predictions, select: str = "most_confident", limit: int | None = None,
-                  seed: int = 0) -> torch.Tensor:
-    """Row numbers of wrong predictions: most confident first, in dataset order, or a seeded random pick."""
-    wrong = torch.nonzero(predictions.predicted != predictions.labels).flatten()
-    if select == "most_confident":
-        wrong = wrong[predictions.confidence[wrong].argsort(descending=True, stable=True)]
+                  seed: int = 0, classes: list[int] | None = None) -> torch.Tensor:
+    """Row numbers of wrong predictions: most confident first, in dataset order, or a seeded random pick;
+    select='correct' gives the most confident right ones instead. `classes`: only images of these true labels."""
+    keep = (predictions.predicted == predictions.labels) if select == "correct" else (
+        predictions.predicted != predictions.labels)
+    if classes is not None:
+        keep &= torch.isin(predictions.labels, torch.as_tensor(classes, dtype=predictions.labels.dtype))
+    rows = torch.nonzero(keep).flatten()
+    if select in ("most_confident", "correct"):
+        rows = rows[predictions.confidence[rows].argsort(descending=True, stable=True)]
     elif select == "random":
-        wrong = wrong[torch.randperm(len(wrong), generator=torch.Generator().manual_seed(seed))]
-    return wrong if limit is None else wrong[:limit]
+        rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
+    return rows if limit is None else rows[:limit]
 
 
 def eval_(cfg: DictConfig) -> float:

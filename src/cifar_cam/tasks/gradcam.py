@@ -1,6 +1,6 @@
-"""`cifar-cam gradcam ckpt=...`: Grad-CAM heatmaps of misclassified test images.
+"""`cifar-cam gradcam ckpt=...`: Grad-CAM heatmaps of misclassified (or correctly classified) test images.
 
-test pass (engine.predict) -> misclassified rows (tasks/eval.py) -> one Grad-CAM call for all of
+test pass (engine.predict) -> the rows to explain (tasks/eval.py) -> one CAM call per method for all of
 them (cam/) -> gradcam_grid.png, gradcam/NNN_<layer>.png, activations.png, gradcam.json.
 """
 
@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from cifar_cam import viz
 from cifar_cam.cam import GradCAM, LayerHooks, resolve_layers
 from cifar_cam.data import Normalizer
+from cifar_cam.errors import ConfigError
 from cifar_cam.tasks.common import (
     check_classes,
     checkpoint_and_config,
@@ -35,7 +36,8 @@ log = logging.getLogger("cifar_cam.gradcam")
 
 ACTIVATION_IMAGES = 5  # rows of activations.png
 JSON_DECIMALS = 4  # gradcam.json is for people: confidences and the accuracy to 4 decimals (0.2726)
-SELECTED = {"most_confident": "most confident", "first": "first (in dataset order)", "random": "randomly chosen"}
+SELECTED = {"most_confident": "most confident", "first": "first (in dataset order)", "random": "randomly chosen",
+            "correct": "most confident"}
 
 
 def channel_mean_activations(model: torch.nn.Module, images: torch.Tensor, layers: list[str]) -> dict[str, np.ndarray]:
@@ -58,7 +60,7 @@ def image_panels(out: Path, images: np.ndarray, maps: dict[str, np.ndarray], ind
     for rank in range(len(index)):
         files = {}
         for name in maps:
-            file = out / "gradcam" / f"{rank:03d}_{name}.png"
+            file = out / "gradcam" / f"{rank:03d}_{name.replace(' ', '_')}.png"
             viz.plot_cam_single(images[rank], maps[name][rank], file, layer=name, title=(
                 f"#{rank:03d}  test image {int(index[rank])}: true {classes[int(true[rank])]}, predicted "
                 f"{classes[int(pred[rank])]} ({100 * float(confidence[rank]):.1f}%)\n{what} "
@@ -73,12 +75,35 @@ def image_panels(out: Path, images: np.ndarray, maps: dict[str, np.ndarray], ind
     return entries
 
 
+def class_labels(names: list[str] | None, classes: list[str]) -> list[int] | None:
+    """gradcam.classes as label indices (None: every class); a name the data lacks is a ConfigError."""
+    if names is None:
+        return None
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        raise ConfigError(f"gradcam.classes: {unknown} not among the data's classes {classes}")
+    return [classes.index(n) for n in names]
+
+
+def method_maps(model: torch.nn.Module, layers: list[str], methods: list[str], x: torch.Tensor,
+                explained: torch.Tensor, smoothing: dict[str, bool]) -> dict[str, dict[str, np.ndarray]]:
+    """{method: {layer: (N, H, W) maps}}, one CAM call per method for all images."""
+    result = {}
+    for method in methods:
+        with GradCAM(model, layers, method=method, **smoothing) as cam:
+            result[method] = {name: m.numpy() for name, m in cam(x, targets=explained).items()}
+    return result
+
+
 def gradcam(cfg: DictConfig) -> float:
-    """Grad-CAM of misclassified test images: grid, one PNG per image and layer, activations, JSON. Returns test acc."""
+    """CAMs of misclassified (select=correct: correct) test images, one method or several (gradcam.methods): grid,
+    one PNG per image, layer (and method), activations, JSON. Returns the test accuracy."""
     out = run_dir()
     payload, cfg = checkpoint_and_config(cfg, "gradcam")
     g = cfg.gradcam
     layers = [str(name) for name in g.target_layers]
+    methods = [str(m) for m in g.methods] if g.get("methods") else [str(g.method)]
+    smoothing = {k: True for k in ("aug_smooth", "eigen_smooth") if g.get(k, False)}
     device = setup_runtime(cfg)
     model = checkpoint_model(payload, device)
     resolve_layers(model, layers)  # unknown layer names fail before the data loads, not after the test pass
@@ -95,12 +120,17 @@ def gradcam(cfg: DictConfig) -> float:
     log.info("test pass: %d images in %.2f s; accuracy %s, %d misclassified", n_test, test_seconds,
              percent(accuracy), n_wrong)
 
-    rows = misclassified(predictions, g.select, limit=g.num_images, seed=cfg.seed)
+    wanted = class_labels(list(g.classes) if g.get("classes") else None, classes)
+    rows = misclassified(predictions, g.select, limit=g.num_images, seed=cfg.seed, classes=wanted)
+    kind = ("correctly classified" if g.select == "correct" else "misclassified") + (
+        f" {'/'.join(g.classes)}" if wanted is not None else "")
     if len(rows) < g.num_images:
-        log.warning("only %d of the %d test images are misclassified (gradcam.num_images=%d): explaining %s",
-                    n_wrong, n_test, g.num_images, f"all {len(rows)}" if len(rows) else "none")
+        log.warning("only %d of the %d test images are %s (gradcam.num_images=%d): explaining %s", len(rows), n_test,
+                    kind, g.num_images, f"all {len(rows)}" if len(rows) else "none")
     summary: dict[str, Any] = {
-        "checkpoint": payload["path"], "checkpoint_epoch": payload["epoch"], "method": g.method,
+        "checkpoint": payload["path"], "checkpoint_epoch": payload["epoch"],
+        **({"methods": methods} if g.get("methods") else {"method": methods[0]}),
+        "classes": None if wanted is None else list(g.classes), **smoothing,
         "explains": "true class" if g.target else "predicted class", "target_layers": layers, "select": g.select,
         "test_images": n_test, "misclassified": n_wrong,
         "test_accuracy": round(accuracy, JSON_DECIMALS), "explained_images": len(rows),
@@ -108,7 +138,7 @@ def gradcam(cfg: DictConfig) -> float:
     }
     if len(rows) == 0:
         write_json(out / "gradcam.json", summary)
-        log.info("no misclassified test images: nothing to explain; wrote %s", out / "gradcam.json")
+        log.info("no %s test images: nothing to explain; wrote %s", kind, out / "gradcam.json")
         return accuracy
 
     images = splits.test.images[rows.numpy()]                   # (n, H, W, 3) uint8, for drawing
@@ -118,11 +148,13 @@ def gradcam(cfg: DictConfig) -> float:
     explained = true if g.target else pred
 
     started = time.perf_counter()
-    with GradCAM(model, layers, method=g.method) as cam:
-        maps = {name: m.numpy() for name, m in cam(x, targets=explained).items()}
+    by_method = method_maps(model, layers, methods, x, explained, smoothing)
     cam_seconds = time.perf_counter() - started
-    log.info("Grad-CAM (%s, %s class) of %d images at %s: %.2f s", g.method, summary["explains"].split()[0],
+    log.info("Grad-CAM (%s, %s class) of %d images at %s: %.2f s", ", ".join(methods), summary["explains"].split()[0],
              len(rows), ", ".join(layers), cam_seconds)
+    # One tile per method and layer: named by the layer for one method, by both for several.
+    maps = {(name if len(methods) == 1 else f"{method} {name}"): m
+            for method, layer_maps in by_method.items() for name, m in layer_maps.items()}
 
     started = time.perf_counter()
     k = min(ACTIVATION_IMAGES, len(rows))
@@ -133,12 +165,19 @@ def gradcam(cfg: DictConfig) -> float:
     titles = [f"true {classes[int(t)]}  \u2192  pred {classes[int(p)]}\n{100 * float(c):.0f}% confident \u00b7 "
               f"test #{int(i)}" for t, p, c, i in zip(true, pred, confidence, index, strict=True)]
     what = f"the {summary['explains']}"
-    viz.plot_cam_grid(images, maps, titles, out / "gradcam_grid.png", suptitle=(
-        f"Grad-CAM ({g.method}) of {what} at {', '.join(layers)}: the {len(rows)} {SELECTED[g.select]} of "
-        f"{n_wrong} mistakes on {n_test} test images (accuracy {percent(accuracy)})\n"
-        f"each panel: the image, then its heatmap overlay per layer"))
+    of = f"{n_wrong} mistakes" if g.select != "correct" else f"{n_test - n_wrong} correct predictions"
+    among = f"{of}{'' if wanted is None else ' of ' + '/'.join(g.classes)} on {n_test} test images"
+    if len(methods) == 1:
+        suptitle = (f"Grad-CAM ({methods[0]}) of {what} at {', '.join(layers)}: the {len(rows)} {SELECTED[g.select]} "
+                    f"of {among} (accuracy {percent(accuracy)})\neach panel: the image, then its heatmap overlay per "
+                    "layer")
+    else:  # two panels a row: wide enough for the title, a column per method (and layer) in each panel
+        suptitle = (f"{', '.join(methods)} of {what} at {', '.join(layers)}\nthe {len(rows)} "
+                    f"{SELECTED[g.select]} of {among} (accuracy {percent(accuracy)})")
+    viz.plot_cam_grid(images, maps, titles, out / "gradcam_grid.png", cols=5 if len(methods) == 1 else 2,
+                      suptitle=suptitle)
     entries = image_panels(out, images, maps, index, (true, pred, confidence, explained), classes,
-                           f"Grad-CAM ({g.method}) of {what}")
+                           f"CAM ({', '.join(methods)}) of {what}")
     if activations:
         sizes = {name: f"{a.shape[1]}x{a.shape[2]}" for name, a in activations.items()}
         viz.plot_activations(images[:k], activations, out / "activations.png", row_titles=[
@@ -149,6 +188,6 @@ def gradcam(cfg: DictConfig) -> float:
     summary["images"] = entries
     summary["seconds"].update(gradcam=round(cam_seconds, 3), drawing=round(draw_seconds, 3))
     write_json(out / "gradcam.json", summary)
-    log.info("drew gradcam_grid.png, %d gradcam/*.png%s in %.1f s; wrote %s", len(rows) * len(layers),
+    log.info("drew gradcam_grid.png, %d gradcam/*.png%s in %.1f s; wrote %s", len(rows) * len(maps),
              " and activations.png" if activations else "", draw_seconds, out)
     return accuracy
