@@ -62,7 +62,7 @@ def test_methods_differ_and_dispatch(model: torch.nn.Module, images: torch.Tenso
     assert type(plain) is GradCAM and type(plus) is GradCAMPlusPlus
     assert float((plain(images)["layer3"] - plus(images)["layer3"]).abs().max()) > 1e-2
     with pytest.raises(ConfigError, match="gradcam, gradcam\\+\\+|'gradcam', 'gradcam\\+\\+'"):
-        GradCAM(model, ["layer3"], method="scorecam")
+        GradCAM(model, ["layer3"], method="ablationcam")
 
 
 def test_one_forward_one_backward_no_weight_gradients(model: torch.nn.Module, images: torch.Tensor,

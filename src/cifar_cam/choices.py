@@ -12,7 +12,8 @@ BACKENDS = ("albumentations", "torch")  # aug.backend (augment.py)
 MODEL_NAMES = ("resnet18",)  # model.name (models/resnet.py: MODELS holds their builders)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # trainer.precision (engine.py)
 STRATEGIES = ("auto", "single", "ddp")  # trainer.strategy (distributed.py)
-CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")  # gradcam.method (cam/gradcam.py)
+# gradcam.method (cam/gradcam.py: METHODS, same order)
+CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
 CAM_SELECT = ("most_confident", "first", "random", "correct")  # gradcam.select (tasks/gradcam.py)
 INTERVALS = ("epoch", "step")  # scheduler.interval: when train.py steps the scheduler
 SCHEDULER_SPANS = ("total_steps", "T_max")  # scheduler.span (or null): the argument bound to the run's length

@@ -172,8 +172,8 @@ def gradcam(cfg: DictConfig) -> float:
                     f"of {among} (accuracy {percent(accuracy)})\neach panel: the image, then its heatmap overlay per "
                     "layer")
     else:  # two panels a row: wide enough for the title, a column per method (and layer) in each panel
-        suptitle = (f"{', '.join(methods)} of {what} at {', '.join(layers)}\nthe {len(rows)} "
-                    f"{SELECTED[g.select]} of {among} (accuracy {percent(accuracy)})")
+        suptitle = (f"{', '.join(methods)} of {what} at {', '.join(layers)}\n"
+                    f"the {len(rows)} {SELECTED[g.select]} of {among}")
     viz.plot_cam_grid(images, maps, titles, out / "gradcam_grid.png", cols=5 if len(methods) == 1 else 2,
                       suptitle=suptitle)
     entries = image_panels(out, images, maps, index, (true, pred, confidence, explained), classes,
