@@ -133,9 +133,26 @@ def _validate_aug(c: DictConfig, command: str) -> None:
 
 
 def _validate_eval(c: DictConfig, command: str) -> None:
-    """eval.*."""
+    """eval.*; eval.calibrate needs a val split to fit on (never the test set)."""
     _check(c, "eval.batch_size", _int_at_least(1), "an integer >= 1")
     _check(c, "eval.tta", _is_bool, "true or false")
+    if command != "eval" or OmegaConf.select(c, "eval.calibrate", default=None) is None:
+        return  # absent: merged from a checkpoint's eval section, which has no calibrate key
+    _check(c, "eval.calibrate", _is_bool, "true or false")
+    if _get(c, "eval.calibrate") and _get(c, "data.val_size") == 0:
+        raise ConfigError("eval.calibrate=true fits the temperature on the val split, but data.val_size=0: there "
+                          "is none (the test set never calibrates: it would grade itself); calibrate a run trained "
+                          "with data.val_size>0, keeping its data.val_size")
+
+
+def _calibration_file(c: DictConfig, key: str) -> None:
+    """A calibration key: null, or a calibration.json / an eval run dir holding one (read here, before torch)."""
+    _check(c, key, lambda v: isinstance(v, str) and v != "", "null or a calibration.json / an eval run dir",
+           optional=True)
+    if _get(c, key) is not None:
+        from cifar_cam.calibration import read_calibration
+
+        read_calibration(_get(c, key), key)
 
 
 def _validate_runtime(c: DictConfig, command: str) -> None:
@@ -261,6 +278,7 @@ def _validate_predict(c: DictConfig, command: str) -> None:
     _check(c, "predict.layer", lambda v: v in ("layer1", "layer2", "layer3", "layer4"), "layer1 .. layer4")
     _check(c, "predict.max_pixels", _int_at_least(1), "an integer >= 1")
     _check(c, "predict.contact_sheet", _int_at_least(0), "an integer >= 0")
+    _calibration_file(c, "predict.calibration")
 
 
 def _validate_export(c: DictConfig, command: str) -> None:
@@ -279,6 +297,7 @@ def _validate_export(c: DictConfig, command: str) -> None:
         raise ConfigError("export.quantize=int8 quantizes the ONNX model: add onnx to export.formats")
     _check(c, "export.calibration_images", _int_at_least(1), "an integer >= 1")
     _check(c, "export.opset", _int_at_least(17), "an integer >= 17")
+    _calibration_file(c, "export.calibration")
 
 
 def _validate_serve(c: DictConfig, command: str) -> None:
@@ -296,6 +315,7 @@ def _validate_serve(c: DictConfig, command: str) -> None:
     _check(c, "serve.max_pixels", _int_at_least(1), "an integer >= 1")
     _check(c, "serve.topk", _int_at_least(1), "an integer >= 1")
     _check(c, "serve.gallery", lambda v: isinstance(v, str) and v != "", "null or a gradcam run dir", optional=True)
+    _calibration_file(c, "serve.calibration")
 
 
 def _validate_ckpt(c: DictConfig, command: str) -> None:

@@ -6,10 +6,14 @@ into predictions; `cifar-cam predict`, export's checks and `serve` all use it.
     results = predictor(["cat.jpg", "dog.png"], topk=3)       # or uint8 RGB arrays (N, H, W, 3), any size
     results[0].label, results[0].probability                  # 'cat', 0.91
     maps = predictor.cam(images, layer="layer4")              # (N, S, S) in [0, 1]
+    Predictor.load(run, calibration="outputs/eval/<run>")      # probabilities softmax(logits / T)
 
 Every format runs `deploy.DeployedModel`'s contract (uint8 NHWC RGB in; logits and layer4 features
 out), so the three agree to ~1e-5 on the same pixels. Images of any size are made model-ready by
 `images.decode_rgb` / `resize_rgb`, the way `data=folder` makes its training images.
+
+Probabilities are softmax(logits / temperature): T = 1 unless a calibration is given (the calibration.json of
+`cifar-cam eval eval.calibrate=true`) or an exported file's card carries one; logits stay the model's own.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from cifar_cam import deploy
+from cifar_cam.calibration import Calibration, read_calibration, softmax
 from cifar_cam.errors import CheckpointError, ConfigError
 from cifar_cam.inputs import MODEL_SUFFIXES
 
@@ -115,37 +120,63 @@ class _ExportedBackend(_Backend):
         return logits.numpy(), features.numpy()
 
 
+def _card_calibration(card: dict[str, Any], path: Path) -> Calibration | None:
+    """The temperature `cifar-cam export export.calibration=...` wrote into an exported file's card, if any."""
+    entry = card.get("calibration")
+    t = entry.get("temperature") if isinstance(entry, dict) else None
+    if not (isinstance(t, int | float) and not isinstance(t, bool) and np.isfinite(t) and t > 0):
+        return None
+    return Calibration(float(t), str(entry.get("source") or path), list(card["classes"]), dict(entry))
+
+
 class Predictor:
     """A trained model behind one call: images (uint8 RGB arrays of any size, or file paths) -> top-k.
 
     `Predictor.load(path)` takes a train run dir or a `.pt` checkpoint (PyTorch, every CAM layer), or an
-    exported `model.onnx` (onnxruntime) / `model.pt2` (torch.export) (CAM at layer4).
+    exported `model.onnx` (onnxruntime) / `model.pt2` (torch.export) (CAM at layer4). `calibration` (a
+    `Calibration`, or None for T = 1) sets the temperature of the probabilities.
     """
 
     def __init__(self, backend: _Backend, classes: Sequence[str], image_size: int, fc_weight: np.ndarray,
                  source: str, kind: str, batch_size: int = 256, card: dict[str, Any] | None = None,
-                 max_pixels: int | None = MAX_PIXELS) -> None:
+                 max_pixels: int | None = MAX_PIXELS, calibration: Calibration | None = None) -> None:
         self.backend, self.classes, self.image_size = backend, list(classes), int(image_size)
         self.fc_weight, self.source, self.kind, self.batch_size = fc_weight, source, kind, int(batch_size)
         self.card, self.max_pixels = card or {}, max_pixels
+        if calibration is not None and calibration.classes is not None and calibration.classes != self.classes:
+            raise ConfigError(f"calibration={calibration.source} was fitted for the classes "
+                              f"{calibration.classes[:4]}..., but the model has {self.classes[:4]}...; "
+                              "calibrate this model (cifar-cam eval ckpt=... eval.calibrate=true)")
+        if calibration is not None and (calibration.info.get("fitted_on") or {}).get("tta"):
+            log.warning("calibration=%s was fitted on flip-TTA logits (eval.tta=true); these predictions have no "
+                        "TTA, so its temperature may be off", calibration.source)
+        self.calibration = calibration
+
+    @property
+    def temperature(self) -> float:
+        """T of the probabilities softmax(logits / T); 1.0 uncalibrated."""
+        return 1.0 if self.calibration is None else self.calibration.temperature
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, classes: Sequence[str], image_size: int = 32,
-                   batch_size: int = 256) -> Predictor:
+                   batch_size: int = 256, calibration: Calibration | None = None) -> Predictor:
         """A Predictor around an eager model already in memory (CPU, fp32): notebooks, benchmarks."""
         backend = _TorchBackend(model.eval(), torch.device("cpu"), None)
         return cls(backend, classes, image_size, deploy.classifier_of(model)["weight"], "in memory", "torch",
-                   batch_size)
+                   batch_size, calibration=calibration)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 256,
-             precision: str = "fp32", threads: int | None = None, max_pixels: int | None = MAX_PIXELS
-             ) -> Predictor:
+             precision: str = "fp32", threads: int | None = None, max_pixels: int | None = MAX_PIXELS,
+             calibration: str | Path | Calibration | None = None) -> Predictor:
         """The model at `path` (run dir, .pt, .onnx, .pt2); `device` and `precision` apply to PyTorch (.pt);
         image files over `max_pixels` are refused from their header; raises CheckpointError (one line) for
-        anything else."""
+        anything else. `calibration`: a calibration.json or the eval run dir holding it (ConfigError if it
+        is not one); without it, an exported file's card may carry a temperature (`export.calibration`)."""
         from cifar_cam.config import image_size
 
+        if calibration is not None and not isinstance(calibration, Calibration):
+            calibration = read_calibration(calibration)  # a bad file: one line before the model loads
         p = Path(path).expanduser()
         if not p.exists():
             raise CheckpointError(f"ckpt={p} does not exist; pass a train run dir, a .pt, .onnx or .pt2 file")
@@ -162,7 +193,8 @@ class Predictor:
             size = image_size(OmegaConf.create(payload["config"]))
             backend = _TorchBackend(model, dev, resolve_precision(precision, dev))
             return cls(backend, payload["classes"], size, deploy.classifier_of(model)["weight"], str(payload["path"]),
-                       "torch", batch_size, {"classes": list(payload["classes"]), "image_size": size}, max_pixels)
+                       "torch", batch_size, {"classes": list(payload["classes"]), "image_size": size}, max_pixels,
+                       calibration)
         if p.suffix not in (".onnx", ".pt2"):
             raise CheckpointError(f"ckpt={p}: unknown model format '{p.suffix}'; cifar-cam reads a train run dir, "
                                   f"{', '.join(SUFFIXES)}")
@@ -176,8 +208,10 @@ class Predictor:
                 backend = _ExportedBackend(load_pt2(p))
             except Exception as e:
                 raise CheckpointError(f"ckpt={p} is not a loadable torch.export file ({type(e).__name__})") from None
+        if calibration is None:
+            calibration = _card_calibration(card, p)
         return cls(backend, card["classes"], card["image_size"], np.asarray(fc["weight"]), str(p),
-                   p.suffix[1:], batch_size, card, max_pixels)
+                   p.suffix[1:], batch_size, card, max_pixels, calibration)
 
     # -- images ------------------------------------------------------------------------------------
     def prepare(self, images: np.ndarray | Sequence[np.ndarray | str | Path]) -> np.ndarray:
@@ -210,12 +244,14 @@ class Predictor:
         parts = [self.backend.run(batch[i:i + self.batch_size])[0] for i in range(0, len(batch), self.batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, len(self.classes)), np.float32)
 
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """softmax(logits / temperature) in float64 (N, num_classes): rows sum to 1."""
+        return softmax(logits, self.temperature)
+
     def top(self, logits: np.ndarray, topk: int = 3) -> list[Prediction]:
-        """Logits -> one Prediction per row (softmax in float64: probabilities sum to 1)."""
+        """Logits -> one Prediction per row, probabilities at the Predictor's temperature."""
         k = max(1, min(int(topk), len(self.classes)))
-        z = logits.astype(np.float64)
-        probs = np.exp(z - z.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
+        probs = self.probabilities(logits)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         return [Prediction([self.classes[j] for j in row], [float(probs[i, j]) for j in row], [int(j) for j in row])
                 for i, row in enumerate(order)]

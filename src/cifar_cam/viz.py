@@ -375,3 +375,30 @@ def plot_activations(images: np.ndarray, activations: Mapping[str, np.ndarray], 
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_reliability(curves: Mapping[str, Mapping[str, Sequence]], path: str | Path, title: str = "") -> Path:
+    """reliability.png: per confidence bin, accuracy against mean confidence (the diagonal is perfect calibration),
+    one set of bars per curve ({label: calibration.Reliability.to_dict()}), and below, the images per bin."""
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(6.4, 7.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "--", color="gray", lw=1, label="perfect calibration")
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+    for k, (label, curve) in enumerate(curves.items()):
+        edges = np.asarray(curve["bin_edges"], dtype=float)
+        width = np.diff(edges) / len(curves)  # side by side within each bin
+        left = edges[:-1] + k * width
+        filled = [i for i, a in enumerate(curve["accuracy"]) if a is not None]
+        color = colors[k % len(colors)]
+        ax.bar(left[filled], [curve["accuracy"][i] for i in filled], width=width[filled], align="edge",
+               color=color, alpha=0.75, edgecolor="black", lw=0.5, label=f"{label}: ECE {100 * curve['ece']:.2f}%")
+        ax.plot([left[i] + width[i] / 2 for i in filled], [curve["confidence"][i] for i in filled], "_",
+                color="black", ms=10)  # each bin's mean confidence
+        hist.bar(left, curve["count"], width=width, align="edge", color=color, alpha=0.75, edgecolor="black", lw=0.5)
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy", title=title or "reliability (top-label)")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    hist.set(xlabel="confidence (top-1 probability); black ticks: mean confidence of the bin", ylabel="images",
+             yscale="log" if max(max(c["count"]) for c in curves.values()) > 100 else "linear")
+    hist.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -16,6 +16,7 @@ Every error is JSON `{"detail": "<what to do>"}`.
 
 For `uvicorn --factory` (serve.workers > 1), `factory()` builds the app from the JSON in the environment
 variable CIFAR_CAM_SERVE_CONFIG: {"ckpt", "device", "precision", "threads", "batch_size", "settings": {...}}.
+With `settings.calibration` (serve.calibration) the probabilities are softmax(logits / T); /v1/model says so.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class Settings:
     max_pixels: int = 40_000_000
     topk: int = 3
     gallery: str | None = None
+    calibration: str | None = None   # a calibration.json / eval run dir: load_predictor applies its temperature
     overlay_size: int = 128
 
     @classmethod
@@ -147,6 +149,9 @@ def model_info(predictor: Predictor, settings: Settings) -> dict[str, Any]:
         "cam_layers": list(predictor.backend.layers),
         "topk_default": min(settings.topk, len(predictor.classes)),
         "test_accuracy": accuracy,
+        "probabilities": "softmax(logits)" if predictor.calibration is None else
+                         f"softmax(logits / {predictor.temperature:.6g})",
+        "calibration": None if predictor.calibration is None else predictor.calibration.summary(),
         "card": card,
     }
 
@@ -702,7 +707,8 @@ def load_predictor(spec: dict[str, Any]) -> Predictor:
     settings = spec.get("settings", {})
     return Predictor.load(spec["ckpt"], device=spec.get("device", "cpu"), batch_size=int(spec.get("batch_size", 256)),
                           precision=spec.get("precision", "fp32"), threads=threads,
-                          max_pixels=int(settings.get("max_pixels", 40_000_000)))
+                          max_pixels=int(settings.get("max_pixels", 40_000_000)),
+                          calibration=settings.get("calibration"))
 
 
 def factory() -> FastAPI:

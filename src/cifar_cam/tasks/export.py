@@ -5,6 +5,8 @@ checkpoint -> eager DeployedModel (CPU, fp32, NCHW) -> each format to a temp fil
 checkpoint's test set (or its first export.check_images) vs eager: max abs diff <= export.tolerance and the
 same top-1 on every image -> [int8: calibrated on training images; accuracy and CPU speed beside fp32] ->
 all files renamed into place together. A failed check keeps none of them (exit 1).
+`export.calibration=<calibration.json or eval run dir>` puts its temperature into the card (model_card.json, the
+ONNX metadata, the .pt2's extra file): the files still output raw logits; a Predictor applies softmax(logits / T).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from omegaconf import DictConfig
 
 from cifar_cam import deploy
 from cifar_cam import export as ex
+from cifar_cam.calibration import Calibration, read_calibration
 from cifar_cam.checkpoint import model_from_checkpoint, run_dir_of
 from cifar_cam.config import image_size
 from cifar_cam.data import CIFAR10_MEAN, CIFAR10_STD, DataSplits
-from cifar_cam.errors import CifarCamError, DataError
+from cifar_cam.errors import CifarCamError, ConfigError, DataError
 from cifar_cam.io import atomic_path
 from cifar_cam.predictor import Predictor
 from cifar_cam.tasks.common import (
@@ -82,9 +85,10 @@ def stored_test_accuracy(checkpoint: Path) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def model_card(payload: dict[str, Any], cfg: DictConfig, module: deploy.DeployedModel, checked: bool
-               ) -> dict[str, Any]:
-    """What a deployed file says about itself (the ONNX metadata, the .pt2's extra file, model_card.json)."""
+def model_card(payload: dict[str, Any], cfg: DictConfig, module: deploy.DeployedModel, checked: bool,
+               calibration: Calibration | None = None) -> dict[str, Any]:
+    """What a deployed file says about itself (the ONNX metadata, the .pt2's extra file, model_card.json);
+    with `calibration`, the temperature its probabilities take."""
     size = image_size(cfg)
     with torch.inference_mode():
         _, features = module(torch.zeros(1, size, size, 3, dtype=torch.uint8))
@@ -111,6 +115,7 @@ def model_card(payload: dict[str, Any], cfg: DictConfig, module: deploy.Deployed
         "opset": int(cfg.export.opset),
         "versions": versions(),
         "checked": checked,
+        "calibration": None if calibration is None else calibration.summary(),
     }
 
 
@@ -205,12 +210,17 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     payload, cfg = checkpoint_and_config(cfg, "export")
     setup_runtime(cfg)  # seeds, threads; the export itself and its checks run on the CPU
     e = cfg.export
+    # temperature scaling for the card (int8's calibration images are another thing: calibration_set below)
+    scaling = read_calibration(e.calibration, "export.calibration") if e.get("calibration") else None
+    if scaling is not None and scaling.classes not in (None, list(payload["classes"])):
+        raise ConfigError(f"export.calibration={e.calibration} was fitted for other classes than ckpt={cfg.ckpt}'s; "
+                          "calibrate this checkpoint (cifar-cam eval ckpt=... eval.calibrate=true)")
     formats = list(dict.fromkeys(e.formats))
     size = image_size(cfg)
     model = ex.deployed(model_from_checkpoint(payload))  # CPU fp32 NCHW, eval
     splits = _load(cfg, payload)
     checked = bool(e.check)
-    card = model_card(payload, cfg, model, checked)
+    card = model_card(payload, cfg, model, checked, scaling)
     fc = deploy.classifier_of(model.model)
     batch_size = int(cfg.eval.batch_size)
 
@@ -269,7 +279,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         info = record[fmt]
         log.info("wrote %s (%.2f MB, %.1f s): %s", path, info["bytes"] / 1e6, info["seconds"],
                  _file_line(fmt, checks.get(fmt), record.get("quantize")))
-    log.info("wrote %s", out / "model_card.json")
+    log.info("wrote %s%s", out / "model_card.json", "" if scaling is None else
+             f" (calibration: temperature {scaling.temperature:.4g} from {scaling.source})")
     log.info("wrote %s", out / "export.json")
     if "quantize" in record:
         s = record["quantize"]["speed"]

@@ -1,7 +1,8 @@
 """`cifar-cam predict ckpt=<run | .pt | .onnx | .pt2> inputs=<image | folder | .tar.gz | glob | [list]>`.
 
 Writes predictions.csv and predictions.json (per image: path, status, top-k classes and
-probabilities; the true class where the image sits in a folder named after one of the model's
+probabilities, calibrated as softmax(logits / T) with `predict.calibration=<calibration.json or eval run dir>`;
+the true class where the image sits in a folder named after one of the model's
 classes), and with `predict.cam=true` an overlay PNG per image and a contact sheet. Images are read
 in sorted order (a .tar.gz in its own order) by one thread and decoded by a small pool one batch
 ahead of the forward pass: memory holds about three batches (one being read, one queued, one being
@@ -119,7 +120,8 @@ def predict(cfg: DictConfig) -> float:
 
         torch.set_num_threads(threads)
     predictor = Predictor.load(cfg.ckpt, device=cfg.trainer.device, batch_size=p.batch_size,
-                               precision=cfg.trainer.precision, threads=threads, max_pixels=p.max_pixels)
+                               precision=cfg.trainer.precision, threads=threads, max_pixels=p.max_pixels,
+                               calibration=p.get("calibration"))
     if p.cam and p.layer not in predictor.backend.layers:
         from cifar_cam.errors import ConfigError
 
@@ -129,6 +131,9 @@ def predict(cfg: DictConfig) -> float:
     classes = set(predictor.classes)
     log.info("model: %s (%s, %d classes, %d px); %d images", predictor.source, predictor.kind, len(classes),
              predictor.image_size, len(inputs))
+    if predictor.calibration is not None:
+        log.info("probabilities calibrated: softmax(logits / %.4g) (%s)", predictor.temperature,
+                 predictor.calibration.source)
     rows, sheet, failed = [], [], []
     k = min(int(p.topk), len(predictor.classes))
     cam_dir = out / "cam"
@@ -204,6 +209,8 @@ def _write(out: Path, rows: list[dict[str, Any]], k: int, predictor: Predictor,
     write_json(out / "predictions.json", {
         "model": predictor.source, "format": predictor.kind, "classes": predictor.classes,
         "image_size": predictor.image_size, "topk": k, "images": len(rows),
+        "temperature": predictor.temperature,
+        "calibration": None if predictor.calibration is None else predictor.calibration.source,
         "failed": sum(r["status"] != "ok" for r in rows),
         "accuracy": None if accuracy is None else round(accuracy, 4), "judged": len(judged),
         "per_class_accuracy": per_class or None, "predictions": rows,

@@ -82,8 +82,9 @@ def serve(cfg: DictConfig) -> None:
     url = url_of(sock)
     common: dict[str, Any] = {"log_config": None, "access_log": False, "lifespan": "on", "server_header": False,
                               "timeout_graceful_shutdown": GRACE_S}
-    log.info("model: %s (%s, %d classes, %d px)", predictor.source, predictor.kind, len(predictor.classes),
-             predictor.image_size)
+    log.info("model: %s (%s, %d classes, %d px)%s", predictor.source, predictor.kind, len(predictor.classes),
+             predictor.image_size, "" if predictor.calibration is None else
+             f"; probabilities softmax(logits / {predictor.temperature:.4g}) ({predictor.calibration.source})")
     if workers > 1:
         del predictor  # each worker loads its own
         os.environ[ENV] = spec
