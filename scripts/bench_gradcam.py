@@ -1,13 +1,13 @@
 #!/usr/bin/env python
-"""Grad-CAM step time: cifar-cam's GradCAM against pytorch-grad-cam on the same model and images.
+"""CAM time per method: cifar-cam's GradCAM family against pytorch-grad-cam on the same model and images.
 
 Both explain the predicted class of the same N normalized images at the same layers of a ResNet18
 (CIFAR variant, --width channels, channels_last as the gradcam command runs it), and report the
 median wall time of --repeats calls after one warm-up. Weights: --ckpt, or random (the time does
 not depend on them). The maps are checked to agree before anything is timed.
 
-    python scripts/bench_gradcam.py                       # width 64, 25 images, layer3 + layer4
-    python scripts/bench_gradcam.py --ckpt outputs/train/<run> --method gradcam++
+    python scripts/bench_gradcam.py                       # width 64, 25 images, layer3 + layer4, every method
+    python scripts/bench_gradcam.py --ckpt outputs/train/<run> --methods gradcam layercam
 """
 
 from __future__ import annotations
@@ -36,10 +36,14 @@ def median_seconds(fns: list[Callable[[], object]], repeats: int) -> list[float]
     return [statistics.median(bucket) for bucket in times]
 
 
+REFERENCE_CLASSES = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM",
+                     "xgradcam": "XGradCAM", "layercam": "LayerCAM", "eigencam": "EigenCAM", "scorecam": "ScoreCAM"}
+GRADIENT_FAMILY = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam")  # one forward + one backward each
+
+
 def main() -> None:
-    """Parses the flags, checks that the maps agree, prints one line per implementation."""
-    from pytorch_grad_cam import GradCAM as ReferenceGradCAM
-    from pytorch_grad_cam import GradCAMPlusPlus as ReferenceGradCAMPlusPlus
+    """Parses the flags, checks that the maps agree, prints one line per method and implementation."""
+    import pytorch_grad_cam
 
     from cifar_cam import GradCAM, load_model
     from cifar_cam.models import build_model
@@ -49,47 +53,56 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--images", type=int, default=25)
     parser.add_argument("--layers", nargs="+", default=["layer3", "layer4"])
-    parser.add_argument("--method", choices=["gradcam", "gradcam++"], default="gradcam")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--methods", nargs="+", default=[*GRADIENT_FAMILY, "eigencam"], choices=list(REFERENCE_CLASSES))
+    parser.add_argument("--scorecam-width", type=int, default=8,
+                        help="ScoreCAM runs one forward per channel: timed on its own model of this width (0: skip)")
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    model = load_model(args.ckpt) if args.ckpt else build_model("resnet18", num_classes=10, width=args.width).eval()
-    model = model.to(memory_format=torch.channels_last)
-    images = torch.randn(args.images, 3, 32, 32)
-    reference_cls = ReferenceGradCAM if args.method == "gradcam" else ReferenceGradCAMPlusPlus
-    modules = [model.get_submodule(name) for name in args.layers]
+    def setup(width: int) -> tuple[torch.nn.Module, torch.Tensor]:
+        torch.manual_seed(0)
+        model = load_model(args.ckpt) if args.ckpt else build_model("resnet18", num_classes=10, width=width).eval()
+        return model.to(memory_format=torch.channels_last), torch.randn(args.images, 3, 32, 32)
 
-    def ours() -> dict[str, torch.Tensor]:
-        with GradCAM(model, args.layers, method=args.method) as cam:
-            return cam(images)
+    def contenders(model: torch.nn.Module, images: torch.Tensor, method: str) -> tuple[Callable, Callable, float]:
+        """Ours (a map per layer) and the reference (all layers in one call), and their largest map difference."""
+        reference_cls = getattr(pytorch_grad_cam, REFERENCE_CLASSES[method])
+        modules = [model.get_submodule(name) for name in args.layers]
 
-    def reference() -> list:
-        maps = []
-        for module in modules:  # one layer per call: the package averages several layers into one map
+        def ours() -> dict[str, torch.Tensor]:
+            with GradCAM(model, args.layers, method=method) as cam:
+                return cam(images)
+
+        def reference_once() -> object:  # all layers in one call (one forward + full backward), averaged map
+            with reference_cls(model=model, target_layers=modules) as cam:
+                return cam(input_tensor=images, targets=None)
+
+        diff = 0.0
+        for name, module in zip(args.layers, modules, strict=True):  # checked layer by layer: the package averages
             with reference_cls(model=model, target_layers=[module]) as cam:
-                maps.append(cam(input_tensor=images, targets=None))
-        return maps
+                ref = cam(input_tensor=images, targets=None)
+            diff = max(diff, float((ours()[name] - torch.from_numpy(ref)).abs().max()))
+        return ours, reference_once, diff
 
-    def reference_once() -> object:  # all layers in one call (one forward + full backward), averaged map
-        with reference_cls(model=model, target_layers=modules) as cam:
-            return cam(input_tensor=images, targets=None)
+    model, images = setup(args.width)
+    print(f"ResNet18 ({sum(p.numel() for p in model.parameters()):,} parameters), {args.images} images at "
+          f"{', '.join(args.layers)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
 
-    ours_maps, reference_maps = ours(), reference()
-    diff = max(float((ours_maps[name] - torch.from_numpy(ref)).abs().max())
-               for name, ref in zip(args.layers, reference_maps, strict=True))
-    print(f"ResNet18 ({sum(p.numel() for p in model.parameters()):,} parameters), {args.images} images, "
-          f"{args.method} at {', '.join(args.layers)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"max |ours - pytorch-grad-cam| = {diff:.1e}")
     def forward() -> object:
         with torch.no_grad():
             return model(images)
 
-    t_forward, t_ours, t_once, t_ref = median_seconds([forward, ours, reference_once, reference], args.repeats)
-    print(f"  forward pass alone (no_grad), for scale                      {t_forward:6.3f} s")
-    print(f"  cifar-cam GradCAM (one forward, autograd.grad to the layers)  {t_ours:6.3f} s")
-    print(f"  pytorch-grad-cam, all layers in one call (one averaged map)  {t_once:6.3f} s  ({t_once / t_ours:.1f}x)")
-    print(f"  pytorch-grad-cam, one call per layer (a map per layer)       {t_ref:6.3f} s  ({t_ref / t_ours:.1f}x)")
+    print(f"  forward pass alone (no_grad), for scale {median_seconds([forward], args.repeats)[0]:7.3f} s")
+    print(f"  {'method':<10} {'cifar-cam':>10} {'pytorch-grad-cam (one call)':>28} {'ours / theirs':>14} "
+          f"{'max |diff|':>11}")
+    rows = [("", model, images, m) for m in args.methods if m != "scorecam"]
+    if args.scorecam_width:
+        small, small_images = setup(args.scorecam_width)
+        rows.append((f" (width {args.scorecam_width})", small, small_images, "scorecam"))
+    for note, m, x, method in rows:
+        ours, theirs, diff = contenders(m, x, method)
+        t_ours, t_theirs = median_seconds([ours, theirs], args.repeats if method != "scorecam" else 1)
+        print(f"  {method + note:<10} {t_ours:9.3f}s {t_theirs:27.3f}s {t_ours / t_theirs:13.2f}x {diff:11.1e}")
 
 
 if __name__ == "__main__":
