@@ -150,3 +150,22 @@ def test_a_class_the_data_lacks_is_named(trained_run: Path, tmp_path: Path) -> N
     cfg = compose_cfg("gradcam", [f"ckpt={trained_run}", "gradcam.classes=[unicorn]"], run_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"gradcam.classes: \['unicorn'\] not among the data's classes"):
         gradcam(cfg)
+
+
+def test_metrics_score_every_method_layer_and_baseline_per_image(trained_run: Path, tmp_path: Path) -> None:
+    import csv
+
+    cfg = compose_cfg("gradcam", [f"ckpt={trained_run}", "gradcam.methods=[gradcam,layercam]", "gradcam.metrics=true",
+                                  "gradcam.num_images=3", "gradcam.target_layers=[layer4]"], run_dir=tmp_path)
+    gradcam(cfg)
+    with open(tmp_path / "gradcam_metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    pairs = {(r["method"], r["layer"]) for r in rows}
+    assert pairs == {("gradcam", "layer4"), ("layercam", "layer4"), ("random", "-"), ("centre blob", "-")}
+    assert len(rows) == 3 * 4 and {r["rank"] for r in rows} == {"0", "1", "2"}
+    assert all(0 <= float(r["deletion_auc"]) <= 1 and 0 <= float(r["insertion_auc"]) <= 1 for r in rows)
+    result = json.loads((tmp_path / "gradcam.json").read_text())
+    assert set(result["metrics"]) == {"gradcam layer4", "layercam layer4", "random -", "centre blob -"}
+    mean = sum(float(r["road"]) for r in rows if r["method"] == "gradcam") / 3
+    assert result["metrics"]["gradcam layer4"]["road"] == pytest.approx(mean, abs=1e-4)
+    assert _png(tmp_path / "gradcam_metrics.png").shape[1] > 1000

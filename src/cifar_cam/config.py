@@ -260,6 +260,7 @@ def _validate_gradcam(c: DictConfig, command: str) -> None:
     _check(c, "gradcam.target", _is_bool, "true or false")
     _check(c, "gradcam.aug_smooth", _is_bool, "true or false", optional=True)
     _check(c, "gradcam.eigen_smooth", _is_bool, "true or false", optional=True)
+    _check(c, "gradcam.metrics", _is_bool, "true or false", optional=True)
     _check(c, "gradcam.target_layers", lambda v: isinstance(v, (list, tuple)) or OmegaConf.is_list(v),
            "a list of layer names, e.g. [layer3,layer4]")
 

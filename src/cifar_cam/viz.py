@@ -402,3 +402,35 @@ def plot_reliability(curves: Mapping[str, Mapping[str, Sequence]], path: str | P
     hist.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
+
+
+FAITHFULNESS_METRICS = (("deletion_auc", "deletion AUC (lower: more faithful)", False),
+                        ("insertion_auc", "insertion AUC (higher: more faithful)", True),
+                        ("road", "ROAD combined (higher: more faithful)", True))
+
+
+def plot_faithfulness(rows: Sequence[Mapping[str, object]], path: str | Path, title: str = "") -> Path:
+    """gradcam_metrics.png: per layer (rows) and metric (columns), each method's mean over the images (dot) and its
+    25-75% spread (bar), best at the top; baselines (no layer) appear in every layer's panels, in grey."""
+    layers = sorted({str(r["layer"]) for r in rows if r["layer"] != "-"})
+    fig, axes = plt.subplots(len(layers), 3, figsize=(15, 0.45 * 10 * len(layers) + 1.2), squeeze=False)
+    for i, layer in enumerate(layers):
+        subset = [r for r in rows if r["layer"] in (layer, "-")]
+        methods = sorted({str(r["method"]) for r in subset})
+        for j, (key, label, higher_better) in enumerate(FAITHFULNESS_METRICS):
+            ax = axes[i][j]
+            values = {m: np.array([float(r[key]) for r in subset if r["method"] == m]) for m in methods}
+            order = sorted(methods, key=lambda m: values[m].mean(), reverse=not higher_better)[::-1]  # best on top
+            for y, m in enumerate(order):
+                v = values[m]
+                baseline = all(r["layer"] == "-" for r in subset if r["method"] == m)
+                color = "0.55" if baseline else "tab:blue"
+                ax.plot(np.percentile(v, [25, 75]), [y, y], color=color, lw=5, alpha=0.4, solid_capstyle="butt")
+                ax.plot(v.mean(), y, "o", color=color)
+            ax.set_yticks(range(len(order)), order)
+            ax.set_title(f"{layer}: {label}" if j else f"{layer}\n{label}", fontsize=9)
+            ax.grid(axis="x", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)
