@@ -169,3 +169,16 @@ def test_metrics_score_every_method_layer_and_baseline_per_image(trained_run: Pa
     mean = sum(float(r["road"]) for r in rows if r["method"] == "gradcam") / 3
     assert result["metrics"]["gradcam layer4"]["road"] == pytest.approx(mean, abs=1e-4)
     assert _png(tmp_path / "gradcam_metrics.png").shape[1] > 1000
+
+
+def test_smoothing_keys_reach_the_cam(trained_run: Path, tmp_path: Path) -> None:
+    def layer4_maps(*extra: str) -> np.ndarray:
+        out = tmp_path / ("-".join(extra).split(".")[-1].split("=")[0] if extra else "plain")
+        gradcam(compose_cfg("gradcam", [f"ckpt={trained_run}", "gradcam.num_images=2", "gradcam.target_layers=[layer4]",
+                                        *extra], run_dir=out))
+        return _png(out / "gradcam" / "000_layer4.png")
+
+    plain = layer4_maps()
+    assert not np.array_equal(plain, layer4_maps("gradcam.eigen_smooth=true"))
+    assert not np.array_equal(plain, layer4_maps("gradcam.aug_smooth=true"))
+    assert json.loads((tmp_path / "aug_smooth" / "gradcam.json").read_text())["aug_smooth"] is True
