@@ -175,6 +175,22 @@ def test_predict_with_calibration_reports_softmax_of_logits_over_t(calibrated: P
     assert not np.allclose(expected, cal.softmax(logits), atol=1e-3)  # T is not ~1: the test can tell
 
 
+def test_a_temperature_fitted_on_another_checkpoint_is_warned_about(calibrated: Path, trained_run: Path,
+                                                                    tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                                                    ) -> None:
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        Predictor.load(trained_run, calibration=calibrated)  # fitted on this checkpoint: nothing to say
+    assert "another checkpoint" not in caplog.text
+    info = json.loads((calibrated / "calibration.json").read_text())
+    info["checkpoint"]["sha256"] = "0" * 64  # as if fitted on another run
+    (tmp_path / "calibration.json").write_text(json.dumps(info))
+    with caplog.at_level(logging.WARNING):
+        Predictor.load(trained_run, calibration=tmp_path / "calibration.json")
+    assert "was fitted on another checkpoint" in caplog.text
+
+
 @pytest.mark.parametrize("what", ["missing", "no temperature"])
 def test_a_bad_calibration_file_is_one_line_exit_2(trained_run: Path, tmp_path: Path, what: str,
                                                    capsys: pytest.CaptureFixture) -> None:

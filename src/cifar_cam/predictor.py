@@ -147,6 +147,11 @@ class Predictor:
             raise ConfigError(f"calibration={calibration.source} was fitted for the classes "
                               f"{calibration.classes[:4]}..., but the model has {self.classes[:4]}...; "
                               "calibrate this model (cifar-cam eval ckpt=... eval.calibrate=true)")
+        fitted = ((calibration.info.get("checkpoint") or {}).get("sha256") if calibration is not None else None)
+        model_sha = (self.card.get("source") or {}).get("sha256")  # the checkpoint this model came from
+        if fitted and model_sha and fitted != model_sha:
+            log.warning("calibration=%s was fitted on another checkpoint (%s) than this model's: its temperature "
+                        "may not fit", calibration.source, (calibration.info.get("checkpoint") or {}).get("path"))
         if calibration is not None and (calibration.info.get("fitted_on") or {}).get("tta"):
             log.warning("calibration=%s was fitted on flip-TTA logits (eval.tta=true); these predictions have no "
                         "TTA, so its temperature may be off", calibration.source)
@@ -192,9 +197,13 @@ class Predictor:
 
             size = image_size(OmegaConf.create(payload["config"]))
             backend = _TorchBackend(model, dev, resolve_precision(precision, dev))
+            card = {"classes": list(payload["classes"]), "image_size": size}
+            if calibration is not None:  # to tell whether the temperature was fitted on this very checkpoint
+                from cifar_cam.io import sha256
+
+                card["source"] = {"checkpoint": str(payload["path"]), "sha256": sha256(payload["path"])}
             return cls(backend, payload["classes"], size, deploy.classifier_of(model)["weight"], str(payload["path"]),
-                       "torch", batch_size, {"classes": list(payload["classes"]), "image_size": size}, max_pixels,
-                       calibration)
+                       "torch", batch_size, card, max_pixels, calibration)
         if p.suffix not in (".onnx", ".pt2"):
             raise CheckpointError(f"ckpt={p}: unknown model format '{p.suffix}'; cifar-cam reads a train run dir, "
                                   f"{', '.join(SUFFIXES)}")

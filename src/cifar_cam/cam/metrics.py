@@ -26,8 +26,9 @@ does) and target classes (N,), and scores the softmax probability of each image'
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -169,6 +170,18 @@ def _three_by_three(x: Tensor) -> Tensor:
     return (rows[..., :-2, :] + 2 * rows[..., 1:-1, :] + rows[..., 2:, :]) / 12
 
 
+@contextlib.contextmanager
+def _one_cpu_thread() -> Iterator[None]:
+    """torch on one CPU thread for a while: the conjugate-gradient solve is many small products, where waking a
+    second thread costs more than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def noisy_linear_impute(images: Tensor, keep: Tensor, *, noise: float = ROAD_NOISE, seed: int = 0,
                         tol: float = 1e-8) -> Tensor:
     """ROAD's noisy linear imputation: each pixel where keep (N, H, W) is False becomes the weighted mean
@@ -266,8 +279,9 @@ def road_combined(model: nn.Module, images: Tensor, maps: Tensor, targets: Tenso
     for start in range(0, images.shape[0], per_chunk):
         chunk = slice(start, start + per_chunk)
         copies = keep.shape[1]
-        imputed = noisy_linear_impute(images[chunk].repeat_interleave(copies, dim=0), keep[chunk].flatten(0, 1),
-                                      noise=noise, seed=seed + start)
+        with _one_cpu_thread():
+            imputed = noisy_linear_impute(images[chunk].repeat_interleave(copies, dim=0),
+                                          keep[chunk].flatten(0, 1), noise=noise, seed=seed + start)
         after.append(target_probability(model, imputed, targets[chunk].repeat_interleave(copies), batch_size)
                      .view(-1, copies))
     change = torch.cat(after) - before[:, None]

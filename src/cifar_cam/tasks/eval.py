@@ -71,7 +71,7 @@ def check_val_split(cfg: DictConfig, payload: dict[str, Any]) -> None:
 def calibrate(test: Predictions, val: Predictions, splits: DataSplits, cfg: DictConfig, payload: dict[str, Any]
               ) -> dict[str, Any]:
     """The temperature fitted on the val logits, and ECE / NLL before and after it on val and on test."""
-    from cifar_cam.tasks.export import sha256
+    from cifar_cam.io import sha256
 
     temperature = cal.fit_temperature(val.logits.numpy(), val.labels.numpy())
     return {

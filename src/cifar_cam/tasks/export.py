@@ -12,7 +12,6 @@ ONNX metadata, the .pt2's extra file): the files still output raw logits; a Pred
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -32,7 +31,7 @@ from cifar_cam.checkpoint import model_from_checkpoint, run_dir_of
 from cifar_cam.config import image_size
 from cifar_cam.data import CIFAR10_MEAN, CIFAR10_STD, DataSplits
 from cifar_cam.errors import CifarCamError, ConfigError, DataError
-from cifar_cam.io import atomic_path
+from cifar_cam.io import atomic_path, sha256
 from cifar_cam.predictor import Predictor
 from cifar_cam.tasks.common import (
     check_classes,
@@ -51,14 +50,6 @@ RUNNERS = {"onnx": "onnxruntime", "pt2": "torch.export", "int8": "onnxruntime in
 LATENCY_RUNS, LATENCY_WARMUP = 50, 5      # batch-1 latency: p50 / p99 over 50 timed runs
 THROUGHPUT_BATCH, THROUGHPUT_RUNS = 256, 3  # batch-256 img/s: the best of 3 timed batches, after one warm-up
 INT8_GOAL_POINTS = 0.5  # int8 accuracy within this many points of fp32 (a warning line otherwise)
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def versions() -> dict[str, str]:

@@ -146,6 +146,7 @@ def gradcam(cfg: DictConfig) -> float:
     splits = load_data(cfg)
     check_classes(payload, splits)
     classes = splits.classes
+    wanted = class_labels(list(g.classes) if g.get("classes") else None, classes)  # a bad name: before the test pass
 
     started = time.perf_counter()
     predictions = predict_test(model, splits, cfg, device)  # no TTA: the maps explain single forward passes
@@ -156,7 +157,6 @@ def gradcam(cfg: DictConfig) -> float:
     log.info("test pass: %d images in %.2f s; accuracy %s, %d misclassified", n_test, test_seconds,
              percent(accuracy), n_wrong)
 
-    wanted = class_labels(list(g.classes) if g.get("classes") else None, classes)
     rows = misclassified(predictions, g.select, limit=g.num_images, seed=cfg.seed, classes=wanted)
     kind = ("correctly classified" if g.select == "correct" else "misclassified") + (
         f" {'/'.join(g.classes)}" if wanted is not None else "")
@@ -201,7 +201,11 @@ def gradcam(cfg: DictConfig) -> float:
     titles = [f"true {classes[int(t)]}  \u2192  pred {classes[int(p)]}\n{100 * float(c):.0f}% confident \u00b7 "
               f"test #{int(i)}" for t, p, c, i in zip(true, pred, confidence, index, strict=True)]
     what = f"the {summary['explains']}"
-    of = f"{n_wrong} mistakes" if g.select != "correct" else f"{n_test - n_wrong} correct predictions"
+    right = predictions.predicted == predictions.labels
+    if wanted is not None:  # counted within the chosen classes
+        right = right[torch.isin(predictions.labels, torch.tensor(wanted))]
+    n_right = int(right.sum())
+    of = (f"{len(right) - n_right} mistakes" if g.select != "correct" else f"{n_right} correct predictions")
     among = f"{of}{'' if wanted is None else ' of ' + '/'.join(g.classes)} on {n_test} test images"
     if len(methods) == 1:
         suptitle = (f"Grad-CAM ({methods[0]}) of {what} at {', '.join(layers)}: the {len(rows)} {SELECTED[g.select]} "
