@@ -290,14 +290,15 @@ class ScoreCAM(GradCAM):
     def channel_weights_from_scores(self, activations: Tensor, images: Tensor, classes: Tensor) -> Tensor:
         """(N, C) softmax over channels of the target logit on each channel-masked image."""
         n, c = activations.shape[:2]
-        masks = F.interpolate(activations, size=images.shape[-2:], mode="bilinear", align_corners=True)
-        low, high = masks.amin(dim=(2, 3), keepdim=True), masks.amax(dim=(2, 3), keepdim=True)
-        masks = ((masks - low) / (high - low + 1e-8)).flatten(0, 1)  # (N*C, H, W), image-major
+        maps = activations.flatten(0, 1)[:, None]  # (N*C, 1, h, w), image-major
         image_of = torch.arange(n, device=images.device).repeat_interleave(c)
         scores = []
-        for start in range(0, n * c, self.mask_batch_size):
-            which = image_of[start:start + self.mask_batch_size]
-            logits = self.model(images[which] * masks[start:start + self.mask_batch_size, None])
+        for start in range(0, n * c, self.mask_batch_size):  # masks made per batch: N*C full-size ones add up
+            batch = slice(start, start + self.mask_batch_size)
+            masks = F.interpolate(maps[batch], size=images.shape[-2:], mode="bilinear", align_corners=True)
+            low, high = masks.amin(dim=(2, 3), keepdim=True), masks.amax(dim=(2, 3), keepdim=True)
+            which = image_of[batch]
+            logits = self.model(images[which] * ((masks - low) / (high - low + 1e-8)))
             scores.append(logits.gather(1, classes[which, None])[:, 0])
         return torch.cat(scores).reshape(n, c).float().softmax(dim=1)
 

@@ -132,8 +132,9 @@
       b.addEventListener("click", () => showMistake(m, b));
       return b;
     }));
-    $("gallery-hint").textContent = `${list.length} test images the model got wrong, most confident first. ` +
-                                    "Pick one to see its Grad-CAM at each layer.";
+    const right = list.every((m) => m.true === m.pred);  // a gradcam run with gradcam.select=correct
+    $("gallery-hint").textContent = `${list.length} test images the model got ${right ? "right" : "wrong"}, ` +
+                                    "most confident first. Pick one to see its Grad-CAM at each layer.";
     section.hidden = false;
   }
 
