@@ -81,6 +81,24 @@ def compose_cfg(command: str, overrides: list[str] | None = None, run_dir: Path 
     return task_cfg
 
 
+def cam_test_model() -> Any:
+    """A width-8 ResNet18 in eval mode whose blocks are not identities (the init zeroes each block's last
+    BatchNorm): the CAM tests' model, compared with pytorch-grad-cam."""
+    import torch
+
+    from cifar_cam.models import build_model
+
+    torch.manual_seed(0)
+    m = build_model("resnet18", num_classes=10, width=8)
+    for module in m.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.normal_(0, 0.2)
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None
             ) -> subprocess.CompletedProcess:
     """Runs the real `cifar-cam` CLI (python -m cifar_cam) and captures its output."""

@@ -14,6 +14,7 @@ from cifar_cam import GradCAM, load_model
 from cifar_cam.cam import GradCAMPlusPlus, LayerHooks, hook_count
 from cifar_cam.errors import ConfigError
 from cifar_cam.models import build_model
+from conftest import cam_test_model
 
 LAYERS = ["layer2", "layer3", "layer4", "layer4.0"]
 
@@ -21,15 +22,7 @@ LAYERS = ["layer2", "layer3", "layer4", "layer4.0"]
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     """A width-8 ResNet18 whose blocks are not identities (the init zeroes each block's last BN)."""
-    torch.manual_seed(0)
-    m = build_model("resnet18", num_classes=10, width=8)
-    for module in m.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.normal_(0, 0.2)
-            module.running_mean.normal_(0, 0.1)
-            module.running_var.uniform_(0.5, 2.0)
-    return m.eval()
+    return cam_test_model()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from cifar_cam import choices
 from cifar_cam.cam import METHODS, GradCAM, ScoreCAM, hook_count
 from cifar_cam.cam.gradcam import first_principal_component, normalized_maps
-from cifar_cam.models import build_model
+from conftest import cam_test_model
 
 REFERENCES = {"gradcam": reference.GradCAM, "gradcam++": reference.GradCAMPlusPlus, "hirescam": reference.HiResCAM,
               "xgradcam": reference.XGradCAM, "layercam": reference.LayerCAM, "eigencam": reference.EigenCAM,
@@ -27,15 +27,7 @@ TARGETS = [3, 1, 4, 1]
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     """A width-8 ResNet18 (ScoreCAM runs one forward per channel) whose blocks are not identities."""
-    torch.manual_seed(0)
-    m = build_model("resnet18", num_classes=10, width=8)
-    for module in m.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.normal_(0, 0.2)
-            module.running_mean.normal_(0, 0.1)
-            module.running_var.uniform_(0.5, 2.0)
-    return m.eval()
+    return cam_test_model()
 
 
 @pytest.fixture(scope="module")
