@@ -122,6 +122,34 @@ def faithfulness_rows(model: torch.nn.Module, x: torch.Tensor, by_method: dict[s
     return rows
 
 
+def write_metrics(out: Path, rows: list[dict[str, Any]], title: str) -> dict[str, dict[str, float]]:
+    """gradcam_metrics.csv and gradcam_metrics.png; returns the means per method and layer (for gradcam.json)."""
+    write_csv(out / "gradcam_metrics.csv", rows, METRIC_FIELDS)
+    viz.plot_faithfulness(rows, out / "gradcam_metrics.png", title=title)
+    means = metric_means(rows)
+    best = max((k for k in means if not k.endswith(" -")),  # baselines (layer '-') do not compete
+               key=lambda k: means[k]["insertion_auc"] - means[k]["deletion_auc"])
+    log.info("highest insertion - deletion: %s; wrote gradcam_metrics.csv and gradcam_metrics.png", best)
+    return means
+
+
+def grid_title(g: DictConfig, methods: list[str], layers: list[str], what: str, predictions: Any,
+               wanted: list[int] | None, explained: int) -> str:
+    """gradcam_grid.png's two title lines: what is explained, and out of how many (within gradcam.classes)."""
+    right = predictions.predicted == predictions.labels
+    if wanted is not None:  # counted within the chosen classes
+        right = right[torch.isin(predictions.labels, torch.tensor(wanted))]
+    n_right, n_test = int(right.sum()), len(predictions.labels)
+    of = f"{len(right) - n_right} mistakes" if g.select != "correct" else f"{n_right} correct predictions"
+    among = f"{of}{'' if wanted is None else ' of ' + '/'.join(g.classes)} on {n_test} test images"
+    if len(methods) == 1:
+        accuracy = 1 - int((predictions.predicted != predictions.labels).sum()) / max(n_test, 1)
+        return (f"Grad-CAM ({methods[0]}) of {what} at {', '.join(layers)}: the {explained} {SELECTED[g.select]} "
+                f"of {among} (accuracy {percent(accuracy)})\neach panel: the image, then its heatmap overlay per layer")
+    # two panels a row: wide enough for the title, a column per method (and layer) in each panel
+    return f"{', '.join(methods)} of {what} at {', '.join(layers)}\nthe {explained} {SELECTED[g.select]} of {among}"
+
+
 def metric_means(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """{"<method> <layer>": mean of each score over the images} for gradcam.json."""
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -201,21 +229,8 @@ def gradcam(cfg: DictConfig) -> float:
     titles = [f"true {classes[int(t)]}  \u2192  pred {classes[int(p)]}\n{100 * float(c):.0f}% confident \u00b7 "
               f"test #{int(i)}" for t, p, c, i in zip(true, pred, confidence, index, strict=True)]
     what = f"the {summary['explains']}"
-    right = predictions.predicted == predictions.labels
-    if wanted is not None:  # counted within the chosen classes
-        right = right[torch.isin(predictions.labels, torch.tensor(wanted))]
-    n_right = int(right.sum())
-    of = (f"{len(right) - n_right} mistakes" if g.select != "correct" else f"{n_right} correct predictions")
-    among = f"{of}{'' if wanted is None else ' of ' + '/'.join(g.classes)} on {n_test} test images"
-    if len(methods) == 1:
-        suptitle = (f"Grad-CAM ({methods[0]}) of {what} at {', '.join(layers)}: the {len(rows)} {SELECTED[g.select]} "
-                    f"of {among} (accuracy {percent(accuracy)})\neach panel: the image, then its heatmap overlay per "
-                    "layer")
-    else:  # two panels a row: wide enough for the title, a column per method (and layer) in each panel
-        suptitle = (f"{', '.join(methods)} of {what} at {', '.join(layers)}\n"
-                    f"the {len(rows)} {SELECTED[g.select]} of {among}")
     viz.plot_cam_grid(images, maps, titles, out / "gradcam_grid.png", cols=5 if len(methods) == 1 else 2,
-                      suptitle=suptitle)
+                      suptitle=grid_title(g, methods, layers, what, predictions, wanted, len(rows)))
     entries = image_panels(out, images, maps, index, (true, pred, confidence, explained), classes,
                            f"CAM ({', '.join(methods)}) of {what}")
     if activations:
@@ -227,16 +242,11 @@ def gradcam(cfg: DictConfig) -> float:
 
     if g.get("metrics", False):
         started = time.perf_counter()
-        rows_ = faithfulness_rows(model, x, by_method, explained, index, cfg.seed)
-        write_csv(out / "gradcam_metrics.csv", rows_, METRIC_FIELDS)
-        viz.plot_faithfulness(rows_, out / "gradcam_metrics.png", title=(
-            f"faithfulness of {len(rows)} {kind} test images' maps ({what}): mean and 25-75% per method"))
-        summary["metrics"] = metric_means(rows_)
+        summary["metrics"] = write_metrics(out, faithfulness_rows(model, x, by_method, explained, index, cfg.seed),
+                                           f"faithfulness of {len(rows)} {kind} test images' maps ({what}): mean "
+                                           "and 25-75% per method")
         summary["seconds"]["metrics"] = round(time.perf_counter() - started, 3)
-        best = max((k for k in summary["metrics"] if not k.endswith(" -")),
-                   key=lambda k: summary["metrics"][k]["insertion_auc"] - summary["metrics"][k]["deletion_auc"])
-        log.info("faithfulness (deletion / insertion AUC, ROAD) in %.1f s; highest insertion - deletion: %s; wrote "
-                 "gradcam_metrics.csv and gradcam_metrics.png", summary["seconds"]["metrics"], best)
+        log.info("faithfulness (deletion / insertion AUC, ROAD) in %.1f s", summary["seconds"]["metrics"])
     summary["images"] = entries
     summary["seconds"].update(gradcam=round(cam_seconds, 3), drawing=round(draw_seconds, 3))
     write_json(out / "gradcam.json", summary)
