@@ -9,6 +9,7 @@ from __future__ import annotations
 SOURCES = ("cifar10", "folder", "synthetic")  # data.source (data.py)
 PRESETS = ("seed", "crop_flip", "none")  # aug.preset (augment.py)
 BACKENDS = ("albumentations", "torch")  # aug.backend (augment.py)
+MIX_MODES = ("mixup", "cutmix", "both")  # aug.mix (augment.py; null: off; both: one of the two per batch, evenly)
 MODEL_NAMES = ("resnet18",)  # model.name (models/resnet.py: MODELS holds their builders)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # trainer.precision (engine.py)
 STRATEGIES = ("auto", "single", "ddp")  # trainer.strategy (distributed.py)

@@ -17,6 +17,7 @@ from cifar_cam.choices import (
     CAM_METHODS,
     CAM_SELECT,
     INTERVALS,
+    MIX_MODES,
     MODEL_NAMES,
     PRECISIONS,
     PRESETS,
@@ -130,6 +131,9 @@ def _validate_aug(c: DictConfig, command: str) -> None:
             _check(c, "aug.rotate_limit", _number_in(0, 180), "degrees in [0, 180]")
         elif key in ("cutout_size", "pad"):
             _check(c, f"aug.{key}", _int_at_least(0), "an integer >= 0 (pixels)")
+        elif key in ("mixup_alpha", "cutmix_alpha"):
+            _check(c, f"aug.{key}", _positive, "a number > 0 (the Beta distribution's alpha)")
+    _check(c, "aug.mix", _choice(MIX_MODES), f"null (off) or one of {list(MIX_MODES)}", optional=True)
 
 
 def _validate_eval(c: DictConfig, command: str) -> None:
@@ -221,6 +225,11 @@ def _validate_trainer(c: DictConfig, command: str) -> None:
            optional=True)
     _check_progressive_resize(c)
     _check(c, "trainer.sync_batchnorm", _is_bool, "true or false", optional=True)
+    _check(c, "trainer.ema.decay", _number_in(0, 1, high_open=True), "null (off) or a number in [0, 1), e.g. 0.999",
+           optional=True)
+    _check(c, "trainer.ema.warmup", _is_bool, "true or false", optional=True)
+    _check(c, "trainer.grad_clip", _positive, "null (off) or a number > 0 (the gradients' max global norm)",
+           optional=True)
 
 
 def _check_progressive_resize(c: DictConfig) -> None:

@@ -173,7 +173,7 @@ def all_reduce_totals(totals: EpochTotals, start: EpochTotals | None, w: World) 
     own = torch.tensor([totals.loss_sum - base.loss_sum, totals.correct - base.correct, totals.count - base.count],
                        dtype=torch.float64)
     dist.all_reduce(own)  # gloo: a CPU tensor of three numbers
-    return EpochTotals(step=totals.step, loss_sum=base.loss_sum + float(own[0]), correct=base.correct + int(own[1]),
+    return EpochTotals(step=totals.step, loss_sum=base.loss_sum + float(own[0]), correct=base.correct + float(own[1]),
                        count=base.count + int(own[2]), seconds=totals.seconds, last_lr=totals.last_lr)
 
 

@@ -124,7 +124,7 @@ class EpochTotals:
 
     step: int = 0            # batches done
     loss_sum: float = 0.0    # sum of per-image losses
-    correct: int = 0
+    correct: float = 0     # hits; a mixed batch counts its target weights (engine.hit_rate)
     count: int = 0
     seconds: float = 0.0
     last_lr: float = 0.0     # learning rate of the last step taken (what metrics.csv reports)
@@ -149,16 +149,43 @@ class EpochResult:
     interrupted: bool = False
 
 
-def backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-    """One optimizer step from `loss` (through the fp16 GradScaler when there is one)."""
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
+    """Scales the optimizer's gradients so that their global L2 norm is at most `max_norm`; returns the norm
+    before clipping. Under DDP the gradients are already all-reduced, so every rank clips alike."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def backward_and_step(loss: Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                      grad_clip: float | None = None) -> None:
+    """One optimizer step from `loss` (through the fp16 GradScaler when there is one).
+
+    `grad_clip`: the gradients' global norm is clipped to it first; with a GradScaler they are unscaled
+    before (the norm is of the true gradients) and a step with inf/NaN gradients is still skipped.
+    """
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
+        if grad_clip is not None:
+            scaler.unscale_(optimizer)
+            clip_gradients(optimizer, grad_clip)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
+        if grad_clip is not None:
+            clip_gradients(optimizer, grad_clip)
         optimizer.step()
+
+
+def hit_rate(logits: Tensor, targets: Tensor) -> Tensor:
+    """Correct predictions of a batch: for class-index targets the count of argmax hits; for soft targets (N, C)
+    (MixUp / CutMix) the target weight each prediction lands on, summed (lam for hitting the first image's class,
+    1 - lam for the second's): the expected accuracy under the mixed labels."""
+    predicted = logits.argmax(1)
+    if targets.dim() == 1:
+        return (predicted == targets).sum().double()
+    return targets.gather(1, predicted[:, None]).sum().double()
 
 
 # (this rank's first non-finite-loss step or -1, stop asked here) -> the same two facts agreed by every rank
@@ -182,6 +209,8 @@ def train_one_epoch(
     agree: Agree | None = None,
     epoch: int = 0,
     heartbeat: Callable[[int], None] | None = None,
+    grad_clip: float | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> EpochResult:
     """One pass over `batches` (continuing from `start` after a resume); returns the epoch totals.
 
@@ -189,14 +218,15 @@ def train_one_epoch(
     asked and `agree(first_bad, stop)` called (one collective a read), so every rank stops after the same
     step, or raises the same DivergenceError at the earliest non-finite loss of any rank; one process
     (`agree` None) asks after every step.
-    `heartbeat(step)` is called after every optimizer step (the stall watchdog's clock).
+    `heartbeat(step)` is called after every optimizer step (the stall watchdog's clock), `after_step()` right after
+    the optimizer step (the weights' EMA). Labels are class indices (N,) or soft targets (N, C) (MixUp / CutMix).
     """
     model.train()
     totals = EpochTotals(**(start.to_dict() if start else {}))
     t0 = time.perf_counter() - totals.seconds
     # Device-side accumulators: no host sync per step.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)
     lrs: list[float] = []
@@ -216,7 +246,7 @@ def train_one_epoch(
                 "use a warmup scheduler (scheduler=onecycle) or trainer.precision=fp32"
             )
         totals.loss_sum += float(loss_sum)
-        totals.correct += int(correct)
+        totals.correct += float(correct)
         totals.count += count
         totals.step += len(lrs)
         if lrs:
@@ -233,15 +263,17 @@ def train_one_epoch(
         with autocast(device, amp_dtype):
             logits = model(images)
             loss = criterion(logits, labels)
-        backward_and_step(loss, optimizer, scaler)
+        backward_and_step(loss, optimizer, scaler, grad_clip)
+        if after_step is not None:
+            after_step()
         if step_scheduler is not None:
             step_scheduler.step()
         step = totals.step + len(lrs) - 1
         loss = loss.detach()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
-        loss_sum += loss.double() * labels.numel()
-        correct += (logits.detach().argmax(1) == labels).sum()
-        count += labels.numel()
+        loss_sum += loss.double() * len(labels)
+        correct += hit_rate(logits.detach(), labels)
+        count += len(labels)
         if heartbeat is not None:
             heartbeat(step)
         # One process asks for a stop after every step (free); ranks only at reads, where they agree anyway.

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from cifar_cam import distributed, viz
-from cifar_cam.augment import ResizedBatches, build_train_batches, epoch_image_size
+from cifar_cam.augment import MixedBatches, ResizedBatches, build_train_batches, epoch_image_size
 from cifar_cam.checkpoint import (
     copy_checkpoint,
     detached_copy,
@@ -31,6 +31,7 @@ from cifar_cam.checkpoint import (
 )
 from cifar_cam.checkpoint_config import apply_resume_changes, load_with_config, resume_changes, scheduler_span
 from cifar_cam.data import EvalBatches, resolve_num_workers
+from cifar_cam.ema import WeightEma
 from cifar_cam.engine import (
     EpochTotals,
     autocast,
@@ -131,6 +132,12 @@ class Run:
     saved_epoch: int = 0                    # the epoch last.pt holds
     steps_per_epoch: int = 0                # a whole epoch's batches (compile drops a partial last one)
     pending_best: dict[str, Any] | None = None  # best.pt's payload, kept until the next checkpoint write
+    ema: WeightEma | None = None            # trainer.ema.decay: the weights' EMA (what is validated and saved)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What validation, the test and the checkpoint's `model` use: the EMA when there is one, else `model`."""
+        return self.ema.module if self.ema is not None else self.model
 
     @property
     def ckpt_dir(self) -> Path:
@@ -143,8 +150,11 @@ class Run:
     def payload(self, partial: EpochTotals | None = None) -> dict[str, Any]:
         """The checkpoint of this run as it stands (with `partial`: an epoch a signal cut short)."""
         s = self.state
+        weights = {"model": self.eval_model.state_dict()}  # what eval, gradcam, predict and export load
+        if self.ema is not None:  # the trained weights and the average's progress: a resume continues both
+            weights.update(model_raw=self.model.state_dict(), ema_updates=self.ema.updates)
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            **weights, "optimizer": self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "epoch": s.epoch, "best_val_acc": s.best_val_acc, "best_epoch": s.best_epoch,
@@ -259,9 +269,15 @@ def build_run(cfg: DictConfig, out: Path, resume: dict[str, Any] | None, sup: Su
     if resume is not None:
         check_classes(resume, splits)
     model = build_model(cfg.model.name, num_classes=splits.num_classes, width=cfg.model.width)
-    if resume is not None:
-        model.load_state_dict(resume["model"])
+    if resume is not None:  # with an EMA, `model` holds the average and `model_raw` the trained weights
+        model.load_state_dict(resume.get("model_raw", resume["model"]))
     model.to(device, memory_format=memory_format_for(model, device, t.channels_last))
+    ema = None
+    ema_cfg = t.get("ema") or {}  # absent in configs of checkpoints from before the key
+    if ema_cfg.get("decay") is not None:
+        ema = WeightEma(model, ema_cfg["decay"], warmup=ema_cfg.get("warmup", True))
+        if resume is not None and "model_raw" in resume:  # a run that had an EMA: continue its average
+            ema.load(resume["model"], resume.get("ema_updates", 0))
     # a compiled model gets full batches only: one shape, one graph (the partial batch's images come in other epochs)
     batches = build_train_batches(splits.train, cfg.aug, batch_size=cfg.data.batch_size,
                                   num_workers=resolve_num_workers(cfg.data.num_workers), seed=cfg.seed, device=device,
@@ -289,7 +305,7 @@ def build_run(cfg: DictConfig, out: Path, resume: dict[str, Any] | None, sup: Su
     if t.compile:  # static shapes: a shape it has not seen is a recompile, counted in summary.json
         train_model = torch.compile(train_model, dynamic=False)
     return Run(cfg=cfg, out=out, device=device, world=world, splits=splits, model=model, train_model=train_model,
-               steps_per_epoch=len(batches),
+               steps_per_epoch=len(batches), ema=ema,
                optimizer=optimizer, scheduler=scheduler, interval=interval,
                scaler=torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None, batches=batches,
                val_batches=EvalBatches(splits.val, cfg.eval.batch_size, device) if splits.val is not None else None,
@@ -384,6 +400,10 @@ def run_epoch(run: Run, epoch: int, bars: Bars, sup: Supervisor) -> tuple[EpochT
     full_size = run.splits.train.images.shape[1]
     size = epoch_image_size(list(t.get("progressive_resize") or []), epoch, full_size)  # cheap early epochs
     epoch_batches = run.batches if size == full_size else ResizedBatches(run.batches, size)
+    if run.cfg.aug.get("mix"):  # MixUp / CutMix on the device, after any resizing; soft targets
+        epoch_batches = MixedBatches(epoch_batches, run.cfg.aug, num_classes=run.splits.num_classes,
+                                     seed=run.cfg.seed, epoch=epoch, start_batch=done, rank=run.world.rank,
+                                     world_size=run.world.size)
     bars.start_inner(f"epoch {epoch}/{t.epochs}", len(run.batches) + done, done,
                      images_per_step=run.cfg.data.batch_size * run.world.size)
     sup.unarmed_message = f"in epoch {epoch}; {run.ckpt_dir / 'last.pt'} keeps what it last saved; {run.resume_hint}"
@@ -397,6 +417,7 @@ def run_epoch(run: Run, epoch: int, bars: Bars, sup: Supervisor) -> tuple[EpochT
             should_stop=sup.requested, agree=distributed.agreement(run.world, sup),  # [ddp] all stop together
             epoch=epoch,
             heartbeat=lambda step: sup.beat(f"epoch {epoch}, step {step + 1}", step=True),
+            grad_clip=t.get("grad_clip"), after_step=None if run.ema is None else lambda: run.ema.update(run.model),
         )
     except DivergenceError as e:  # nothing of this epoch is saved: last.pt and best.pt stay as they were
         kept = (f"{run.ckpt_dir / 'last.pt'} (epoch {run.saved_epoch}) is intact: resume with a lower rate: "
@@ -420,7 +441,7 @@ def end_of_epoch(run: Run, epoch: int, totals: EpochTotals, size: int, bars: Bar
     trainer.checkpoint_every epochs and at the end); True to stop early."""
     t, state = run.cfg.trainer, run.state
     val_started = time.perf_counter()
-    val = (evaluate(run.model, run.val_batches, run.splits.num_classes, device=run.device, amp_dtype=run.amp_dtype,
+    val = (evaluate(run.eval_model, run.val_batches, run.splits.num_classes, device=run.device, amp_dtype=run.amp_dtype,
                     heartbeat=lambda: sup.beat(f"epoch {epoch}, validation"))
            if run.val_batches is not None else None)
     monitored = distributed.from_rank0(val.acc if val is not None else totals.acc, run.world)  # [ddp] one decision
