@@ -193,8 +193,8 @@ def test_a_run_with_ema_saves_the_average_as_model_and_the_trained_weights_as_mo
     assert 0 <= summary["test_acc"] <= 1
     # validation used the EMA: evaluating `model` reproduces the recorded val accuracy of the last epoch
     from cifar_cam.checkpoint import model_from_checkpoint
-    from cifar_cam.engine import evaluate
     from cifar_cam.data import EvalBatches
+    from cifar_cam.engine import evaluate
     from cifar_cam.tasks.common import load_data
 
     splits = load_data(cfg)
@@ -206,3 +206,44 @@ def test_a_run_with_ema_saves_the_average_as_model_and_the_trained_weights_as_mo
     raw = evaluate(model, EvalBatches(splits.val, 64, torch.device("cpu")), splits.num_classes,
                    device=torch.device("cpu"), amp_dtype=torch.bfloat16 if summary["precision"] == "bf16" else None)
     assert raw.loss != pytest.approx(val.loss, rel=1e-6)
+
+
+def _clip_rank(rank: int, world_size: int, port: int, out: str) -> None:
+    """One DDP rank: a step on its half of the batch with grad_clip; saves its weights."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    model = small_net()
+    images, labels = batch(n=8)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    half = slice(rank * 4, rank * 4 + 4)
+    loss = nn.functional.cross_entropy(ddp(images[half]) * 50, labels[half] % 3)
+    backward_and_step(loss, optimizer, None, grad_clip=0.5)
+    torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_grad_clip_under_ddp_clips_the_all_reduced_gradients_alike_on_every_rank(tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_clip_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    # one process on the whole batch (BatchNorm in train mode sees each rank's half: run it per half and average
+    # the losses, which is what DDP's mean of the ranks' gradients is)
+    model = small_net()
+    images, labels = batch(n=8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = sum(nn.functional.cross_entropy(model(images[h]) * 50, labels[h] % 3)
+               for h in (slice(0, 4), slice(4, 8))) / 2
+    backward_and_step(loss, optimizer, None, grad_clip=0.5)
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and "running" not in name:  # BatchNorm statistics stay per rank
+            torch.testing.assert_close(ranks[0][name], ranks[1][name])
+            torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6)
