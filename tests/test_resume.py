@@ -259,3 +259,62 @@ def test_signal_ends_a_step_stuck_in_native_code(signals: tuple[int, ...], code:
     assert len(lines) == 1 and "stopped at once" in lines[0], log.read_text()[-2000:]
     assert "error" not in log.read_text().lower()
     assert ("stop_grace=2" in lines[0]) == (len(signals) == 1)
+
+
+# -- everything of issue 20 at once: EMA, MixUp/CutMix, gradient clipping, every tracker ---------------------
+ALL_ON = ["trainer.ema.decay=0.8", "aug.mix=both", "trainer.grad_clip=0.5", "logger=many", "trainer.log_every=2"]
+
+
+def tracked_losses(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """The step losses each tracker holds: TensorBoard (its reader applies purge_step), MLflow, steps.csv."""
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cifar_cam.loggers import STEP_LOSS, local_mlflow_uri
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    client = MlflowClient(local_mlflow_uri(run, "sqlite"))
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("cifar-cam").experiment_id])
+    rows = (run / "logs" / "steps.csv").read_text().splitlines()[1:]
+    return {
+        "tensorboard": sorted((e.step, round(e.value, 5)) for e in acc.Scalars(STEP_LOSS)),
+        "mlflow": sorted((m.step, round(m.value, 5)) for m in client.get_metric_history(mlrun.info.run_id, STEP_LOSS)),
+        "csv": sorted((int(r.split(",")[0]), round(float(r.split(",")[2]), 5)) for r in rows),
+        "tb_val_acc_steps": sorted(e.step for e in acc.Scalars("val_acc")),
+    }
+
+
+def test_resume_with_ema_mix_clip_and_trackers_is_exact_and_logs_each_step_once(tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    assert train(reference, *ALL_ON).returncode == 0
+    run, marker = tmp_path / "run", tmp_path / "parked"
+    # SIGINT mid-epoch 2: the partial epoch is saved (the EMA, the mixing position, the trackers' buffer) ...
+    proc = start_hooked(run, [*ARGS, *ALL_ON, f"hydra.run.dir={run}"],
+                        {"CIFAR_CAM_TEST_HOLD_STEP": str(STEPS_PER_EPOCH + 2), "CIFAR_CAM_TEST_MARKER": str(marker)},
+                        tmp_path / "log1")
+    wait_for(marker, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(WAIT) == 130
+    # ... then the resume is SIGKILLed half-way through its 2nd checkpoint write (epoch 2's last.pt): epoch 2's
+    # records were never committed to the trackers, and the killed process may have left events behind
+    marker.unlink()
+    proc = start_hooked(run, [f"ckpt={run}"], {"CIFAR_CAM_TEST_HANG_SAVE": "2", "CIFAR_CAM_TEST_MARKER": str(marker)},
+                        tmp_path / "log2")
+    wait_for(marker, proc)
+    proc.kill()
+    proc.wait(WAIT)
+    result = train(run, f"ckpt={run}")
+    assert result.returncode == 0, result.stderr
+    assert metrics(run) == metrics(reference)
+    for name in ("best.pt", "last.pt"):
+        a, b = load(run / "checkpoints" / name), load(reference / "checkpoints" / name)
+        for key in ("model", "model_raw"):  # the EMA and the trained weights, bit for bit
+            assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), (name, key)
+        assert a["ema_updates"] == b["ema_updates"]
+    steps = list(range(2, EPOCHS * STEPS_PER_EPOCH + 1, 2))  # trainer.log_every=2
+    got, expected = tracked_losses(run), tracked_losses(reference)
+    for tracker in ("tensorboard", "mlflow", "csv"):
+        assert [s for s, _ in got[tracker]] == steps, tracker  # each step once, none missing
+        assert got[tracker] == expected[tracker], tracker  # and the values of the uninterrupted run
+    assert got["tb_val_acc_steps"] == [e * STEPS_PER_EPOCH for e in range(1, EPOCHS + 1)]

@@ -6,6 +6,7 @@ prints it as one line and exits 2.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,6 +27,7 @@ from cifar_cam.choices import (
     STRATEGIES,
 )
 from cifar_cam.errors import ConfigError
+from cifar_cam.loggers import MLFLOW_STORES, TRACKER_KEYS, TRACKER_MODULES, TRACKERS, missing_module_message
 
 EXPORT_FORMATS = ("onnx", "pt2")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
@@ -338,6 +340,47 @@ def _validate_ckpt(c: DictConfig, command: str) -> None:
     _check(c, "ckpt", lambda v: isinstance(v, str) and v != "", "a checkpoint file or a train run dir")
 
 
+def _validate_logger(c: DictConfig, command: str) -> None:
+    """logger.*: the trackers train writes to (conf/logger/), each one's options, and its python package (found
+    without importing it: a missing mlflow is one line before torch loads)."""
+    if command != "train" or "logger" not in c:
+        return  # absent: a checkpoint written before trackers existed resumes without them
+    trackers = _get(c, "logger")
+    if trackers is None:
+        return
+    if not OmegaConf.is_dict(trackers):
+        raise ConfigError(f"logger must be trackers chosen as a group (logger=tensorboard, logger=[tensorboard,mlflow],"
+                          f" logger=none), got {trackers!r}")
+    for name in trackers:
+        if name not in TRACKERS:
+            raise ConfigError(f"logger.{name} is not a tracker; trackers: {', '.join(TRACKERS)} (logger=many: all of "
+                              "them; logger=[tensorboard,mlflow]: several)")
+        options = _get(c, f"logger.{name}")
+        if options is not None and not OmegaConf.is_dict(options):
+            raise ConfigError(f"logger.{name} must be the tracker's options (choose it with logger={name}), "
+                              f"got {options!r}")
+        for key in options or {}:
+            if key not in TRACKER_KEYS[name]:
+                known = ", ".join(TRACKER_KEYS[name]) or "none"
+                raise ConfigError(f"logger.{name}.{key} is not an option of {name} (its options: {known})")
+    if "tensorboard" in trackers:
+        for key in ("hparams", "images"):
+            _check(c, f"logger.tensorboard.{key}", _is_bool, "true or false", optional=True)
+    if "mlflow" in trackers:
+        _check(c, "logger.mlflow.tracking_uri", lambda v: isinstance(v, str) and v != "",
+               "null (a store in the run dir) or a tracking URI, e.g. http://localhost:5000", optional=True)
+        _check(c, "logger.mlflow.store", _choice(MLFLOW_STORES), f"one of {list(MLFLOW_STORES)}", optional=True)
+        _check(c, "logger.mlflow.experiment_name", lambda v: isinstance(v, str) and v != "", "a non-empty name",
+               optional=True)
+        _check(c, "logger.mlflow.run_name", lambda v: isinstance(v, str) and v != "",
+               "null (the run dir's name) or a non-empty name", optional=True)
+        _check(c, "logger.mlflow.artifacts", _is_bool, "true or false", optional=True)
+    for name in trackers:
+        module = TRACKER_MODULES[name]
+        if module is not None and importlib.util.find_spec(module) is None:
+            raise ConfigError(missing_module_message(name))
+
+
 # One validator a section, run in this order: the first bad key is the one reported. Each decides
 # for itself which commands use its keys. A new key goes into its section's validator.
 SECTION_VALIDATORS: dict[str, Callable[[DictConfig, str], None]] = {
@@ -350,6 +393,7 @@ SECTION_VALIDATORS: dict[str, Callable[[DictConfig, str], None]] = {
     "optimizer": _validate_optimizer,
     "scheduler": _validate_scheduler,
     "trainer": _validate_trainer,
+    "logger": _validate_logger,
     "lr_find": _validate_lr_find,
     "gradcam": _validate_gradcam,
     "ckpt": _validate_ckpt,

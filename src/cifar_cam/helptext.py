@@ -22,7 +22,7 @@ from cifar_cam.recipe import hydra_value, leaves
 # The keys each command uses (a section, or one key of it); --help shows these and no others.
 _RUNTIME = ("trainer.device", "trainer.precision", "trainer.num_threads", "trainer.deterministic")
 HELP_KEYS: dict[str, tuple[str, ...]] = {
-    "train": ("ckpt", "seed", "data", "model", "aug", "optimizer", "scheduler", "trainer", "eval", "lr_find"),
+    "train": ("ckpt", "seed", "data", "model", "aug", "optimizer", "scheduler", "trainer", "eval", "lr_find", "logger"),
     "lr-find": ("ckpt", "seed", "data", "model", "aug", "optimizer", *_RUNTIME, "trainer.channels_last",
                 "trainer.label_smoothing", "trainer.stall_timeout", "trainer.stop_grace", "lr_find"),
     "eval": ("ckpt", "seed", "data", "eval", *_RUNTIME),

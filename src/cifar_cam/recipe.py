@@ -12,6 +12,7 @@ import contextlib
 import re
 import shlex
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -66,9 +67,38 @@ def leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix.rstrip("."), node
 
 
-def choices_of(runtime_choices: Any) -> dict[str, str]:
-    """The config-group choices (data=folder, ...) of Hydra's `runtime.choices`, without Hydra's own and unset ones."""
-    return {g: str(c) for g, c in runtime_choices.items() if not g.startswith("hydra") and c is not None}
+def choices_of(runtime_choices: Any, overrides: Iterable[str] | None = None) -> dict[str, str]:
+    """The config-group choices (data=folder, ...) of Hydra's `runtime.choices`, without Hydra's own and unset ones.
+
+    A group given a list of options (logger=[tensorboard,csv]), which Hydra leaves out of its choices, is taken
+    from `overrides` (default: the running app's task overrides) as the value that composes it again:
+    '[tensorboard,csv]'.
+    """
+    choices = {g: str(c) for g, c in runtime_choices.items() if not g.startswith("hydra") and c is not None}
+    choices.update({g: v for g, v in _list_choices(overrides).items() if g not in choices})
+    return choices
+
+
+def _list_choices(overrides: Iterable[str] | None) -> dict[str, str]:
+    """{group: '[a,b]'} of the overrides that choose a list of a config group's options (group=[a,b])."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if overrides is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    parser, found = OverridesParser.create(), {}
+    for text in overrides:
+        try:
+            override = parser.parse_override(text)
+        except Exception:  # not ours to judge here: Hydra has parsed (or refused) it already
+            continue
+        value = override.value()
+        group = override.key_or_group
+        if override.package is None and not override.is_delete() and isinstance(value, list) and value and \
+                all(isinstance(v, str) for v in value) and (Path(config_dir()) / group).is_dir():
+            found[group] = hydra_value(value)
+    return found
 
 
 def _skipped(key: str, skip: Iterable[str]) -> bool:

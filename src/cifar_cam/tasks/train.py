@@ -43,6 +43,7 @@ from cifar_cam.engine import (
 )
 from cifar_cam.errors import ConfigError, DivergenceError
 from cifar_cam.io import write_csv
+from cifar_cam.loggers import Trackers
 from cifar_cam.logs import Bars
 from cifar_cam.models import build_model
 from cifar_cam.provenance import command_started
@@ -133,6 +134,11 @@ class Run:
     steps_per_epoch: int = 0                # a whole epoch's batches (compile drops a partial last one)
     pending_best: dict[str, Any] | None = None  # best.pt's payload, kept until the next checkpoint write
     ema: WeightEma | None = None            # trainer.ema.decay: the weights' EMA (what is validated and saved)
+    trackers: Trackers | None = None        # logger=: TensorBoard / MLflow / steps.csv (rank 0; others: none)
+
+    def global_step(self, epoch: int, step: int) -> int:
+        """Optimizer steps done after `step` steps of `epoch` (1-based): the trackers' x axis."""
+        return (epoch - 1) * self.steps_per_epoch + step
 
     @property
     def eval_model(self) -> nn.Module:
@@ -164,6 +170,9 @@ class Run:
             "overrides": cli_overrides(), "choices": group_choices(), "num_params": self.num_params,
             "train_images": s.train_images, "train_seconds": s.train_seconds,
             "num_threads": torch.get_num_threads(), "steps_per_epoch": self.steps_per_epoch,
+            # the trackers' run ids and the records not yet written to them: committed after this checkpoint is
+            # written, and again (skipping what they hold) by a resume from it, so each step is logged once
+            "logger": None if self.trackers is None else self.trackers.state(),
         }
 
     def already_stopped_early(self) -> bool:
@@ -192,6 +201,8 @@ class Run:
         self.saved_epoch = self.state.epoch
         if self.val_batches is None and partial is None:  # no val split: best.pt is the last epoch
             copy_checkpoint(self.ckpt_dir / "last.pt", self.ckpt_dir / "best.pt")
+        if self.trackers is not None:  # only what a checkpoint holds reaches the trackers
+            self.trackers.commit()
         sup.last_checkpoint = f"{self.ckpt_dir / 'last.pt'} (epoch {self.state.epoch})"
 
 
@@ -352,11 +363,22 @@ def train(cfg: DictConfig) -> float:
             sup.last_checkpoint = f"{run.ckpt_dir / 'last.pt'} (epoch {run.state.epoch})"
             run.saved_epoch = run.state.epoch
         sup.resume_hint = run.resume_hint
-        run.compile_seconds = warm_up(run, sup)
-        stopped_early = train_epochs(run, sup)
-        if not run.world.is_main:  # [ddp] rank 0 alone tests the best checkpoint and writes summary.json
-            return float(run.state.best_val_acc)
-        final_test(run, stopped_early, sup, started)
+        # [ddp] rank 0 alone tracks; a resume continues the trackers' runs from the checkpoint's state
+        run.trackers = Trackers.open(cfg.get("logger") if run.world.is_main else None, out,
+                                     None if resume is None else resume.get("logger"), run_name=out.name)
+        run.trackers.log_params(plain(cfg))
+        status = "FAILED"
+        try:
+            run.compile_seconds = warm_up(run, sup)
+            stopped_early = train_epochs(run, sup)
+            if run.world.is_main:  # [ddp] rank 0 alone tests the best checkpoint and writes summary.json
+                final_test(run, stopped_early, sup, started)
+            status = "FINISHED"
+        except TrainingInterrupted:
+            status = "KILLED"
+            raise
+        finally:
+            run.trackers.close(status)
         return float(run.state.best_val_acc)
 
 
@@ -408,12 +430,19 @@ def run_epoch(run: Run, epoch: int, bars: Bars, sup: Supervisor) -> tuple[EpochT
                      images_per_step=run.cfg.data.batch_size * run.world.size)
     sup.unarmed_message = f"in epoch {epoch}; {run.ckpt_dir / 'last.pt'} keeps what it last saved; {run.resume_hint}"
     log_every = (1 if run.device.type == "cpu" else 50) if t.log_every == "auto" else t.log_every
+    seen = [partial.loss_sum, partial.count] if partial else [0.0, 0]  # the trackers' loss: since the last read
+
+    def progress(tot: EpochTotals, total_steps: int) -> None:
+        bars.update_inner(tot.step, f"loss {tot.loss:.3f} acc {percent(tot.acc)}")
+        if run.trackers is not None and tot.count > seen[1]:
+            run.trackers.add_train_loss(run.global_step(epoch, tot.step), epoch,
+                                        (tot.loss_sum - seen[0]) / (tot.count - seen[1]))
+            seen[:] = [tot.loss_sum, tot.count]
     try:
         result = train_one_epoch(
             run.train_model, epoch_batches, run.optimizer, run.criterion, device=run.device, amp_dtype=run.amp_dtype,
             scaler=run.scaler, step_scheduler=run.scheduler if run.interval == "step" else None, log_every=log_every,
-            start=partial, on_progress=lambda tot, n: bars.update_inner(tot.step,
-                                                                        f"loss {tot.loss:.3f} acc {percent(tot.acc)}"),
+            start=partial, on_progress=progress,
             should_stop=sup.requested, agree=distributed.agreement(run.world, sup),  # [ddp] all stop together
             epoch=epoch,
             heartbeat=lambda step: sup.beat(f"epoch {epoch}, step {step + 1}", step=True),
@@ -463,6 +492,11 @@ def end_of_epoch(run: Run, epoch: int, totals: EpochTotals, size: int, bars: Bar
         "lr": totals.last_lr,  # the LR of the epoch's last step (a scheduler may since have moved on)
         "seconds": round(totals.seconds + time.perf_counter() - val_started, 3),
     })
+    if run.trackers is not None:  # buffered: written with the next checkpoint
+        row = state.history[-1]
+        run.trackers.add_epoch(epoch, run.global_step(epoch, run.steps_per_epoch), {
+            **{k: row[k] for k in METRIC_FIELDS if k not in ("epoch", "seconds")},
+            "images_per_second": totals.count / totals.seconds if totals.seconds > 0 else None})
     patience = run.patience
     stop_early = patience is not None and state.bad_epochs >= patience
     # a signal during the epoch's last steps or validation, on any rank [ddp]: saved below, then the run stops
@@ -491,6 +525,18 @@ def end_of_epoch(run: Run, epoch: int, totals: EpochTotals, size: int, bars: Bar
         log.info("early stopping: no val improvement > %g for %d epochs", t.early_stopping.min_delta, patience)
         return True
     return False
+
+
+def track_final(run: Run, test: Any, summary: dict[str, Any]) -> None:
+    """The trackers' end of the run: the test confusion matrix and the curves as images, the flattened config
+    with the final metrics as hyperparameters (confusion_matrix.png is written for them)."""
+    confusion = viz.plot_confusion_matrix(test.confusion.numpy(), run.splits.classes,
+                                          run.out / "confusion_matrix.png")
+    run.trackers.log_image("confusion_matrix", confusion)  # no step: at the end, replaced by a later evaluation
+    if (run.out / "curves.png").is_file():
+        run.trackers.log_image("curves", run.out / "curves.png")
+    finals = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    run.trackers.log_final(plain(run.cfg), finals)
 
 
 def final_test(run: Run, stopped_early: bool, sup: Supervisor, started: float) -> None:
@@ -527,6 +573,8 @@ def final_test(run: Run, stopped_early: bool, sup: Supervisor, started: float) -
     }
     summary["wall_seconds"] = round(time.monotonic() - started, 3)
     write_json(run.out / "summary.json", summary)
+    if run.trackers is not None and run.trackers.names:
+        track_final(run, test, summary)
     log.info("test accuracy %s (loss %.4f) with the best checkpoint (epoch %d, val %s)%s", percent(test.acc),
              test.loss, state.best_epoch, percent(summary["best_val_acc"]), ", flip TTA" if cfg.eval.tta else "")
     log.info("wrote %s", run.out)
