@@ -230,8 +230,32 @@ def _validate_trainer(c: DictConfig, command: str) -> None:
     _check(c, "trainer.ema.decay", _number_in(0, 1, high_open=True), "null (off) or a number in [0, 1), e.g. 0.999",
            optional=True)
     _check(c, "trainer.ema.warmup", _is_bool, "true or false", optional=True)
+    _check_budget(c)
     _check(c, "trainer.grad_clip", _positive, "null (off) or a number > 0 (the gradients' max global norm)",
            optional=True)
+
+
+def _check_budget(c: DictConfig) -> None:
+    """trainer.time_budget parses; trainer.plan is a plan file made for this config (the data size is checked
+    once the data is loaded, the speed once it is probed)."""
+    from cifar_cam.budget import Plan, time_budget_seconds
+
+    time_budget_seconds(_get(c, "trainer.time_budget"))
+    plan_path = _get(c, "trainer.plan")
+    if plan_path is None or command_is_resume(c):
+        return
+    plan = Plan.load(plan_path)
+    for key, planned in (("data.batch_size", plan.run.batch_size), ("model.name", plan.run.model),
+                         ("model.width", plan.run.width), ("data.image_size", plan.run.image_size)):
+        value = image_size(c) if key == "data.image_size" else _get(c, key)
+        if value != planned:
+            raise ConfigError(f"trainer.plan={plan_path} was made for {key}={planned}, this run has {key}={value}; "
+                              f"set {key}={planned}, or drop trainer.plan to plan anew")
+
+
+def command_is_resume(c: DictConfig) -> bool:
+    """Whether the config resumes a run (ckpt=): its plan then comes from the checkpoint."""
+    return bool(_get(c, "ckpt"))
 
 
 def _check_progressive_resize(c: DictConfig) -> None:

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -184,6 +184,15 @@ def from_rank0(value: float, w: World) -> float:
     box = torch.tensor([value], dtype=torch.float64)
     dist.broadcast(box, src=0)
     return float(box[0])
+
+
+def object_from_rank0(obj: Any, w: World) -> Any:
+    """Rank 0's picklable `obj` on every rank (a plan: one decision, made once)."""
+    if not w.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 NO_BAD_STEP = 2**62  # stands for "no non-finite loss" in the agreement: larger than any step

@@ -109,7 +109,8 @@ def shown_keys(command: str, cfg: DictConfig) -> list[tuple[str, Any]]:
     """The keys `command` uses, in config order, without Hydra's own (`_target_`, `_partial_`)."""
     wanted = HELP_KEYS[command]
     return [(k, v) for k, v in leaves(OmegaConf.to_container(cfg, resolve=False))
-            if any(k == w or k.startswith(w + ".") for w in wanted) and not k.rsplit(".", 1)[-1].startswith("_")]
+            if any(k == w or k.startswith(w + ".") for w in wanted) and not k.rsplit(".", 1)[-1].startswith("_")
+            and v != {}]  # an empty section (logger=none) has no keys to show
 
 
 def _shown(key: str, value: Any, cfg: DictConfig) -> tuple[str, str]:

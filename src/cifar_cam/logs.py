@@ -128,5 +128,9 @@ class Bars:
         logging.getLogger("cifar_cam").info("%s: step %d/%d%s  %s  ETA %s", label, completed, total,
                                             f"  {info}" if info else "", rate, eta)
 
+    def set_outer_total(self, total: int) -> None:
+        """A new number of epochs (a re-planned budgeted run)."""
+        self.progress.update(self.outer, total=total)
+
     def advance_outer(self, completed: int, info: str = "") -> None:
         self.progress.update(self.outer, completed=completed, info=info)

@@ -60,6 +60,7 @@ from cifar_cam.tasks.common import (
     setup_runtime,
     write_json,
 )
+from cifar_cam.tasks.train_budget import apply_plan, fixed_plan, make_plan, replan_after, wants_plan
 
 log = logging.getLogger("cifar_cam.train")
 
@@ -87,14 +88,27 @@ class TrainState:
                    payload.get("train_seconds", 0.0))
 
 
-def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int
-                    ) -> tuple[Any | None, str]:
-    """The configured LR scheduler (or None) and whether it steps per 'epoch' or per 'step'."""
+# A planned run's (trainer.time_budget / trainer.plan) schedulers: the same shapes over revisable lengths
+REVISABLE = {"OneCycleLR": "cifar_cam.budget_schedule.BudgetOneCycleLR",
+             "CosineAnnealingLR": "cifar_cam.budget_schedule.BudgetCosineLR"}
+
+
+def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: int, steps_per_epoch: int,
+                    revisions: list[list[int]] | None = None) -> tuple[Any | None, str]:
+    """The configured LR scheduler (or None) and whether it steps per 'epoch' or per 'step'.
+
+    `revisions` (a plan's [at_step, total_steps] pairs): OneCycle and cosine become their revisable twins
+    (cifar_cam.budget_schedule), laid over the plan's steps and re-plans; other schedulers are left as they are.
+    """
     sched_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True)
     interval = sched_cfg.pop("interval", "epoch")
     if sched_cfg.get("_target_") is None:
         return None, interval
     span = scheduler_span(sched_cfg)  # the argument bound to the run's length (SCHEDULER_SPAN)
+    if revisions is not None and span is not None:
+        unit = 1 if interval == "step" else steps_per_epoch  # an epoch-stepped schedule counts epochs
+        sched_cfg["_target_"] = REVISABLE[str(sched_cfg["_target_"]).rsplit(".", 1)[-1]]
+        sched_cfg["revisions"] = [[at // unit, -(-total // unit)] for at, total in revisions]
     if span == "total_steps":
         sched_cfg["total_steps"] = total = epochs * steps_per_epoch
         warmup = sched_cfg.get("pct_start", 0.3) * total
@@ -135,6 +149,9 @@ class Run:
     pending_best: dict[str, Any] | None = None  # best.pt's payload, kept until the next checkpoint write
     ema: WeightEma | None = None            # trainer.ema.decay: the weights' EMA (what is validated and saved)
     trackers: Trackers | None = None        # logger=: TensorBoard / MLflow / steps.csv (rank 0; others: none)
+    plan: Any = None                        # budget.Plan: trainer.time_budget / trainer.plan / a planned run resumed
+    plan_live: bool = False                 # re-planned after each epoch (a budgeted run's first sitting)
+    started: float = 0.0                    # time.monotonic() at the command's start (the time budget's clock)
 
     def global_step(self, epoch: int, step: int) -> int:
         """Optimizer steps done after `step` steps of `epoch` (1-based): the trackers' x axis."""
@@ -173,6 +190,7 @@ class Run:
             # the trackers' run ids and the records not yet written to them: committed after this checkpoint is
             # written, and again (skipping what they hold) by a resume from it, so each step is logged once
             "logger": None if self.trackers is None else self.trackers.state(),
+            "plan": None if self.plan is None else self.plan.to_dict(),  # a resume continues it (plan.json too)
         }
 
     def already_stopped_early(self) -> bool:
@@ -358,6 +376,14 @@ def train(cfg: DictConfig) -> float:
                     log_file=out / "train.log") as sup:
         resume, cfg = load_with_config(cfg, "train", cli_overrides())
         run = build_run(cfg, out, resume, sup)
+        run.started = started
+        mode = wants_plan(run, resume)  # trainer.time_budget / trainer.plan / a planned run resumed
+        if mode == "budget":  # compiled first, so the probe times the compiled step and the budget counts it
+            run.compile_seconds = warm_up(run, sup)
+            apply_plan(run, make_plan(run, sup, started))
+            run.plan_live = True
+        elif mode is not None:
+            apply_plan(run, fixed_plan(run, resume, mode))
         if resume is not None:
             restore(run, resume)
             sup.last_checkpoint = f"{run.ckpt_dir / 'last.pt'} (epoch {run.state.epoch})"
@@ -369,7 +395,8 @@ def train(cfg: DictConfig) -> float:
         run.trackers.log_params(plain(cfg))
         status = "FAILED"
         try:
-            run.compile_seconds = warm_up(run, sup)
+            if mode != "budget":
+                run.compile_seconds = warm_up(run, sup)
             stopped_early = train_epochs(run, sup)
             if run.world.is_main:  # [ddp] rank 0 alone tests the best checkpoint and writes summary.json
                 final_test(run, stopped_early, sup, started)
@@ -393,7 +420,6 @@ def train_epochs(run: Run, sup: Supervisor) -> bool:
              run.device, "" if run.amp_dtype is None else f", {precision_name(run.amp_dtype)} autocast",
              ", compiled" if t.compile else "")
     log.info("run dir: %s", run.out)
-    last_epoch = t.epochs
     if run.already_stopped_early():
         log.info("the run already stopped early after %d epochs (no val improvement for %d): evaluating its best "
                  "checkpoint on test again", state.epoch, state.bad_epochs)
@@ -405,10 +431,13 @@ def train_epochs(run: Run, sup: Supervisor) -> bool:
               every=t.get("progress_every", 30)) as bars:
         bars.advance_outer(state.epoch)
         sup.armed = True
-        for epoch in range(state.epoch + 1, last_epoch + 1):
+        epoch = state.epoch + 1
+        while epoch <= t.epochs:  # a budgeted run re-plans t.epochs after each epoch
             totals, size = run_epoch(run, epoch, bars, sup)
             if end_of_epoch(run, epoch, totals, size, bars, sup):
                 return True
+            bars.set_outer_total(t.epochs)
+            epoch += 1
     return False
 
 
@@ -497,6 +526,9 @@ def end_of_epoch(run: Run, epoch: int, totals: EpochTotals, size: int, bars: Bar
         run.trackers.add_epoch(epoch, run.global_step(epoch, run.steps_per_epoch), {
             **{k: row[k] for k in METRIC_FIELDS if k not in ("epoch", "seconds")},
             "images_per_second": totals.count / totals.seconds if totals.seconds > 0 else None})
+    replanned = None
+    if run.plan_live:  # before the checkpoint: it holds the plan in force, which a resume continues
+        replanned = replan_after(run, epoch, totals.step, totals.seconds, run.started)
     patience = run.patience
     stop_early = patience is not None and state.bad_epochs >= patience
     # a signal during the epoch's last steps or validation, on any rank [ddp]: saved below, then the run stops
@@ -516,6 +548,8 @@ def end_of_epoch(run: Run, epoch: int, totals: EpochTotals, size: int, bars: Bar
              "-" if val is None else f"{val.loss:.4f}", percent(row["val_acc"]), row["lr"], row["seconds"],
              "" if size == run.splits.train.images.shape[1] else f"  ({size}px)",
              "  *best*" if improved and val is not None else "")
+    if replanned:
+        log.info("%s", replanned)
     bars.advance_outer(epoch, f"best {percent(state.best_val_acc)}" if val is not None else "")
     if requested:  # the signal came during the last steps or validation (later ones: at the next epoch's read)
         name = signal.Signals(sup.signum).name  # type: ignore[arg-type]
@@ -571,6 +605,9 @@ def final_test(run: Run, stopped_early: bool, sup: Supervisor, started: float) -
         "world_size": run.world.size,  # [ddp] processes that trained; a step saw world_size x data.batch_size images
         "per_class_test_acc": dict(zip(run.splits.classes, test.per_class_acc, strict=True)),
     }
+    if run.plan is not None:  # trainer.time_budget / trainer.plan: plan.json holds the whole schedule
+        summary.update(time_budget_seconds=run.plan.budget_seconds if run.plan_live else None,
+                       planned_epochs=run.plan.epochs, replans=len(run.plan.replans))
     summary["wall_seconds"] = round(time.monotonic() - started, 3)
     write_json(run.out / "summary.json", summary)
     if run.trackers is not None and run.trackers.names:

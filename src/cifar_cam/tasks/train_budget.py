@@ -1,0 +1,221 @@
+"""trainer.time_budget / trainer.plan for `cifar-cam train`: the epochs, image sizes and LR schedule a run follows.
+
+Three ways a run gets its plan (cifar_cam.budget.Plan, written to plan.json in the run dir):
+  - a budget (trainer.time_budget): after the model is built (and compiled), `probe` times a few training steps
+    at every image size of the progressive-resize template, one evaluation batch and one checkpoint write; the
+    planner fits the most epochs into what is left of the budget (the command's startup and data loading
+    included) and the LR schedule is laid over the planned steps. After each epoch `replan_after` re-plans the
+    remaining epochs at the speed just measured (before that epoch's checkpoint is written, so a resume
+    continues the plan in force).
+  - a replay (trainer.plan=<plan.json>): that plan's epochs, sizes and LR revisions, no probe, no re-plan; the
+    run must be the one the plan was made for (Plan.check_matches).
+  - a resume of a planned run (ckpt=): the plan in the checkpoint, continued as recorded (no probe, no re-plan:
+    the budget was for one sitting), so the resumed run is the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import open_dict
+
+from cifar_cam.augment import ResizedBatches
+from cifar_cam.budget import Overhead, Plan, RunFacts, format_duration, replan, template_from, time_budget_seconds
+from cifar_cam.checkpoint import rng_state, set_rng_state
+from cifar_cam.data import EvalBatches, ImageArrays
+from cifar_cam.engine import autocast, backward_and_step, input_memory_format, predict
+
+if TYPE_CHECKING:
+    from cifar_cam.supervise import Supervisor
+    from cifar_cam.tasks.train import Run
+
+log = logging.getLogger("cifar_cam.train")
+
+PROBE_STEPS = 3         # timed training steps per image size (after one untimed step at that size)
+PLOT_SECONDS = 0.5      # curves.png per checkpoint write: a matplotlib figure (not worth timing)
+
+
+def run_facts(run: Run) -> RunFacts:
+    """What a plan must have been made for to be replayed by this run."""
+    cfg = run.cfg
+    return RunFacts(train_images=len(run.splits.train), batch_size=cfg.data.batch_size,
+                    steps_per_epoch=run.steps_per_epoch, model=cfg.model.name, width=cfg.model.width,
+                    image_size=run.splits.train.images.shape[1], world_size=run.world.size)
+
+
+def wants_plan(run: Run, resume: dict[str, Any] | None) -> str | None:
+    """'resume', 'replay', 'budget' or None: where this run's plan comes from."""
+    t = run.cfg.trainer
+    if resume is not None:
+        return "resume" if resume.get("plan") else None
+    if t.get("plan"):
+        return "replay"
+    return "budget" if time_budget_seconds(t.get("time_budget")) is not None else None
+
+
+def fixed_plan(run: Run, resume: dict[str, Any] | None, mode: str) -> Plan:
+    """The plan of a resume (the checkpoint's) or a replay (trainer.plan's file, checked against this run)."""
+    if mode == "resume":
+        plan = Plan.from_dict(resume["plan"], source=str(resume["path"]))  # type: ignore[index]
+        log.info("continuing the run's plan: %d epochs (plan.json; a resumed run does not re-plan)", plan.epochs)
+        return plan
+    plan = Plan.load(run.cfg.trainer.plan)
+    plan.check_matches(run_facts(run))
+    if run.cfg.trainer.get("time_budget") is not None:
+        log.info("trainer.plan replays %s: %d epochs as recorded; trainer.time_budget is not used",
+                 run.cfg.trainer.plan, plan.epochs)
+    else:
+        log.info("trainer.plan replays %s: %d epochs as recorded", run.cfg.trainer.plan, plan.epochs)
+    return plan
+
+
+def _timed(fn: Any, device: torch.device) -> float:
+    started = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def probe(run: Run, sizes: list[int], sup: Supervisor) -> tuple[dict[int, float], Overhead]:
+    """Seconds of one training step at each size, and the per-epoch / final overheads, measured here.
+
+    Training steps run on the real (compiled, DDP-wrapped) model over real batches of a throw-away epoch 0,
+    with a throw-away optimizer; the weights, BatchNorm statistics and RNG states are put back, so the run
+    trains as if nothing happened. Validation and the final test are timed on one evaluation batch, a
+    checkpoint write on an in-memory save of the model and optimizer.
+    """
+    cfg, device = run.cfg, run.device
+    saved = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    rng = rng_state(device)
+    optimizer = instantiate(cfg.optimizer)(run.model.parameters())
+    scaler = None if run.scaler is None else torch.amp.GradScaler(device.type)  # the run's keeps its scale
+    memory_format = input_memory_format(run.model)
+    run.batches.set_epoch(0)
+    source = iter(run.batches)
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal source
+        try:
+            return next(source)
+        except StopIteration:  # fewer batches than the probe takes: go round again
+            source = iter(run.batches)
+            return next(source)
+
+    def step(size: int) -> None:
+        (images, labels), = ResizedBatches([next_batch()], size)
+        with autocast(device, run.amp_dtype):
+            loss = run.criterion(run.train_model(images.contiguous(memory_format=memory_format)), labels)
+        backward_and_step(loss, optimizer, scaler)
+
+    run.train_model.train()
+    seconds: dict[int, float] = {}
+    for size in sizes:
+        sup.beat(f"timing training steps at {size}px (trainer.time_budget)")
+        step(size)  # untimed: first-call costs (allocations, oneDNN primitives)
+        seconds[size] = _timed(lambda s=size: [step(s) for _ in range(PROBE_STEPS)], device) / PROBE_STEPS
+    # one evaluation batch at full size (validation and test run at full size, test with TTA when set)
+    test = run.splits.test
+    n = min(len(test), cfg.eval.batch_size)
+    one = EvalBatches(ImageArrays(test.images[:n], test.labels[:n], test.index[:n]), cfg.eval.batch_size, device)
+    predict(run.model, one, device=device, amp_dtype=run.amp_dtype)  # untimed first call
+    per_image = _timed(lambda: predict(run.model, one, device=device, amp_dtype=run.amp_dtype), device) / n
+    buffer = io.BytesIO()
+    save = _timed(lambda: torch.save({"m": run.model.state_dict(), "o": optimizer.state_dict()}, buffer), device)
+    run.model.load_state_dict(saved)
+    set_rng_state(rng, device)
+    val_images = 0 if run.splits.val is None else len(run.splits.val)
+    every = cfg.trainer.get("checkpoint_every", 1)
+    best_too = 2 if run.val_batches is not None else 1  # best.pt: a write of its own, or a copy of last.pt
+    overhead = Overhead(epoch_seconds=val_images * per_image + (best_too * save + PLOT_SECONDS) / every,
+                        final_seconds=len(run.splits.test) * per_image * (2 if cfg.eval.tta else 1) + save)
+    return seconds, overhead
+
+
+def make_plan(run: Run, sup: Supervisor, started: float) -> Plan:
+    """A budgeted run's first plan: probe, then the most epochs that fit (rank 0's, on every rank)."""
+    from cifar_cam import distributed
+
+    t = run.cfg.trainer
+    budget = time_budget_seconds(t.time_budget)
+    full = run.splits.train.images.shape[1]
+    template = template_from(list(t.get("progressive_resize") or []), t.epochs, full)
+    sizes = sorted({s for s, _ in template} | {full})
+    step_seconds, overhead = probe(run, sizes, sup)
+    plan = None
+    if run.world.is_main:
+        plan = Plan.create(run_facts(run), budget, time.monotonic() - started, step_seconds, template, overhead)
+    plan = Plan.from_dict(distributed.object_from_rank0(None if plan is None else plan.to_dict(), run.world))
+    late = plan.overrun_bound()
+    log.info("time budget %s: %s; planned %d epochs (%s px), %d steps, ~%s of training and test, re-planned "
+             "after each epoch (plan.json); %s", format_duration(budget),
+             ", ".join(f"{s}px {v * 1000:.0f} ms/step" for s, v in step_seconds.items()), plan.epochs,
+             _sizes_text(plan.sizes), plan.total_steps, format_duration(plan.predicted_seconds),
+             f"a 1.5x slowdown in the last epoch could end it up to {late:.0f}s late" if late > 0 else
+             "it ends within the budget even if the machine slows 1.5x in the last epoch")
+    return plan
+
+
+def _sizes_text(sizes: list[int]) -> str:
+    """[12, 12, 16, 32] -> '12x2 16 32'."""
+    out: list[str] = []
+    for s in dict.fromkeys(sizes):
+        n = sizes.count(s)
+        out.append(f"{s}x{n}" if n > 1 else str(s))
+    return " ".join(out)
+
+
+def apply_plan(run: Run, plan: Plan) -> None:
+    """The plan's epochs and image sizes into the run's config, its LR revisions into a new scheduler."""
+    from cifar_cam.tasks.train import build_scheduler
+
+    with open_dict(run.cfg):
+        run.cfg.trainer.epochs = plan.epochs
+        run.cfg.trainer.progressive_resize = list(plan.sizes)
+    run.scheduler, run.interval = build_scheduler(run.cfg, run.optimizer, plan.epochs, run.steps_per_epoch,
+                                                  revisions=plan.revisions)
+    run.plan = plan
+    if run.world.is_main:
+        plan.save(run.out / "plan.json")
+
+
+GROW_AT_LEAST = 2  # epochs a re-plan must add before the plan grows (a plan that fits is kept: no back and forth)
+
+
+def replan_after(run: Run, epoch: int, epoch_steps: int, train_seconds: float, started: float) -> str | None:
+    """A budgeted run's re-plan at the end of `epoch`: the remaining epochs at the speed its steps just had.
+
+    Fewer epochs are taken at once (the plan no longer fits); more only when at least GROW_AT_LEAST more fit,
+    so timing noise does not move the plan back and forth by one. Returns the log line of a change.
+    """
+    from cifar_cam import distributed
+
+    plan = run.plan
+    size = plan.size_of(epoch)
+    new = plan
+    if run.world.is_main and epoch_steps > 0 and train_seconds > 0:
+        new = replan(plan, epoch, time.monotonic() - started, {size: train_seconds / epoch_steps})
+        if plan.epochs < new.epochs < plan.epochs + GROW_AT_LEAST:
+            new = plan
+    if run.world.distributed:
+        new = Plan.from_dict(distributed.object_from_rank0(new.to_dict(), run.world))
+    if new.to_dict() == plan.to_dict():
+        return None
+    at, total = new.revisions[-1]
+    if run.scheduler is not None and hasattr(run.scheduler, "revise"):
+        unit = 1 if run.interval == "step" else run.steps_per_epoch  # an epoch-stepped schedule counts epochs
+        run.scheduler.revise(at // unit, math.ceil(total / unit))
+    with open_dict(run.cfg):
+        run.cfg.trainer.epochs = new.epochs
+        run.cfg.trainer.progressive_resize = list(new.sizes)
+    run.plan = new
+    if run.world.is_main:
+        new.save(run.out / "plan.json")
+    last = new.replans[-1] if new.replans else {}
+    return f"re-planned after epoch {epoch}: {last.get('reason', 'speed')} ({_sizes_text(new.sizes)} px)"
