@@ -149,13 +149,15 @@ def test_sigkill_at_seeded_random_instants_then_resume(reference: Path, tmp_path
     assert same_weights(ckpts / "last.pt", reference / "checkpoints/last.pt")
 
 
-@pytest.mark.parametrize(("signum", "step"), [
-    (signal.SIGINT, STEPS_PER_EPOCH + 2),   # mid-epoch 2: the partial epoch is saved and continued
-    (signal.SIGTERM, STEPS_PER_EPOCH),      # after the last step of epoch 1, before its validation
+@pytest.mark.parametrize(("signum", "step", "extra"), [
+    (signal.SIGINT, STEPS_PER_EPOCH + 2, []),   # mid-epoch 2: the partial epoch is saved and continued
+    # during the last step of epoch 1: the epoch is validated, saved, stopped (a tracker logs its end once)
+    (signal.SIGTERM, STEPS_PER_EPOCH, ["logger=csv"]),
 ])
-def test_signal_saves_last_and_resume_is_exact(signum: int, step: int, reference: Path, tmp_path: Path) -> None:
+def test_signal_saves_last_and_resume_is_exact(signum: int, step: int, extra: list[str], reference: Path,
+                                               tmp_path: Path) -> None:
     run, marker = tmp_path / "run", tmp_path / "parked"
-    proc = start_hooked(run, [*ARGS, f"hydra.run.dir={run}"],
+    proc = start_hooked(run, [*ARGS, *extra, f"hydra.run.dir={run}"],
                         {"CIFAR_CAM_TEST_HOLD_STEP": str(step), "CIFAR_CAM_TEST_MARKER": str(marker)},
                         tmp_path / "log")
     wait_for(marker, proc)
@@ -169,16 +171,23 @@ def test_signal_saves_last_and_resume_is_exact(signum: int, step: int, reference
     assert f"[WARNING] {signal.Signals(signum).name}: stopped" in (run / "train.log").read_text()
     name = signal.Signals(signum).name
     epoch, at = divmod(step - 1, STEPS_PER_EPOCH)
-    assert f"{name}: stopped at epoch {epoch + 1}, step {at + 1}" in errors[0]
-    assert f"resume with: cifar-cam train ckpt={run}" in errors[0]
     last = load(run / "checkpoints/last.pt")
-    assert last["epoch"] == epoch and last["partial"]["step"] == at + 1
-    assert (len(metrics(run)) if epoch else (run / "metrics.csv").exists()) == epoch
+    if at + 1 == STEPS_PER_EPOCH:  # the epoch was whole: it ends as epochs do, then the run stops
+        assert f"{name}: stopped after epoch {epoch + 1}" in errors[0]
+        assert last["epoch"] == epoch + 1 and last["partial"] is None and len(metrics(run)) == epoch + 1
+    else:
+        assert f"{name}: stopped at epoch {epoch + 1}, step {at + 1}" in errors[0]
+        assert last["epoch"] == epoch and last["partial"]["step"] == at + 1
+        assert (len(metrics(run)) if epoch else (run / "metrics.csv").exists()) == epoch
+    assert f"resume with: cifar-cam train ckpt={run}" in errors[0]
 
     result = train(run, f"ckpt={run}")
     assert result.returncode == 0, result.stderr
     assert metrics(run) == metrics(reference)
     assert same_weights(run / "checkpoints/last.pt", reference / "checkpoints/last.pt")
+    if extra:  # logger=csv: every step's loss once
+        logged = [int(line.split(",")[0]) for line in (run / "logs/steps.csv").read_text().splitlines()[1:]]
+        assert logged == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
 
 
 def test_nan_loss_stops_in_one_line_and_keeps_best(reference: Path, tmp_path: Path) -> None:

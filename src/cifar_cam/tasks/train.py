@@ -109,8 +109,8 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: i
         unit = 1 if interval == "step" else steps_per_epoch  # an epoch-stepped schedule counts epochs
         sched_cfg["_target_"] = REVISABLE[str(sched_cfg["_target_"]).rsplit(".", 1)[-1]]
         sched_cfg["revisions"] = [[at // unit, -(-total // unit)] for at, total in revisions]
-    if span == "total_steps":
-        sched_cfg["total_steps"] = total = epochs * steps_per_epoch
+    if span == "total_steps":  # in the scheduler's own steps: batches, or epochs under interval=epoch
+        sched_cfg["total_steps"] = total = epochs * (steps_per_epoch if interval == "step" else 1)
         warmup = sched_cfg.get("pct_start", 0.3) * total
         if warmup < 2 or total - warmup < 2:  # torch divides by a phase's length
             raise ConfigError(f"scheduler=onecycle needs >= 2 steps in each phase, but trainer.epochs={epochs} x "
@@ -150,8 +150,9 @@ class Run:
     ema: WeightEma | None = None            # trainer.ema.decay: the weights' EMA (what is validated and saved)
     trackers: Trackers | None = None        # logger=: TensorBoard / MLflow / steps.csv (rank 0; others: none)
     plan: Any = None                        # budget.Plan: trainer.time_budget / trainer.plan / a planned run resumed
-    plan_live: bool = False                 # re-planned after each epoch (a budgeted run's first sitting)
+    plan_mode: str | None = None            # budget (a budgeted run's first sitting) | replay | resume | None
     started: float = 0.0                    # time.monotonic() at the command's start (the time budget's clock)
+    write_seconds: float = 0.0              # a budgeted run's probe: checkpoint writes + curves.png, per epoch
 
     def global_step(self, epoch: int, step: int) -> int:
         """Optimizer steps done after `step` steps of `epoch` (1-based): the trackers' x axis."""
@@ -263,7 +264,8 @@ def warm_up(run: Run, sup: Supervisor) -> float | None:
         return None
     full = run.splits.train.images.shape[1]
     schedule = list(t.get("progressive_resize") or [])
-    sizes = sorted({epoch_image_size(schedule, e, full) for e in range(run.state.epoch + 1, t.epochs + 1)})
+    sizes = sorted({epoch_image_size(schedule, e, full) for e in range(run.state.epoch + 1, t.epochs + 1)}
+                   | ({full} if run.plan_mode == "budget" else set()))  # a budget may plan full-size epochs
     saved = {k: v.detach().clone() for k, v in run.model.state_dict().items()}  # BatchNorm statistics move too
     started = time.perf_counter()
     run.train_model.train()
@@ -377,11 +379,10 @@ def train(cfg: DictConfig) -> float:
         resume, cfg = load_with_config(cfg, "train", cli_overrides())
         run = build_run(cfg, out, resume, sup)
         run.started = started
-        mode = wants_plan(run, resume)  # trainer.time_budget / trainer.plan / a planned run resumed
+        run.plan_mode = mode = wants_plan(run, resume)  # trainer.time_budget / trainer.plan / a planned run resumed
         if mode == "budget":  # compiled first, so the probe times the compiled step and the budget counts it
             run.compile_seconds = warm_up(run, sup)
             apply_plan(run, make_plan(run, sup, started))
-            run.plan_live = True
         elif mode is not None:
             apply_plan(run, fixed_plan(run, resume, mode))
         if resume is not None:
@@ -483,7 +484,9 @@ def run_epoch(run: Run, epoch: int, bars: Bars, sup: Supervisor) -> tuple[EpochT
                 if (run.ckpt_dir / "last.pt").is_file() else "nothing was saved")
         raise DivergenceError(f"{e}; {kept}") from None
     totals = distributed.all_reduce_totals(result.totals, partial, run.world)  # [ddp] over all ranks' shards
-    if result.interrupted:
+    # A stop asked during the epoch's last step: the epoch is whole, so end_of_epoch validates, saves and stops
+    # (a "partial" checkpoint of a whole epoch would log that epoch's end twice on resume)
+    if result.interrupted and totals.step < run.steps_per_epoch:
         if run.world.is_main:
             run.write_checkpoints(sup, partial=totals)
         name = signal.Signals(sup.signum).name  # type: ignore[arg-type]
@@ -527,7 +530,7 @@ def end_of_epoch(run: Run, epoch: int, totals: EpochTotals, size: int, bars: Bar
             **{k: row[k] for k in METRIC_FIELDS if k not in ("epoch", "seconds")},
             "images_per_second": totals.count / totals.seconds if totals.seconds > 0 else None})
     replanned = None
-    if run.plan_live:  # before the checkpoint: it holds the plan in force, which a resume continues
+    if run.plan_mode == "budget":  # before the checkpoint: it holds the plan in force, which a resume continues
         replanned = replan_after(run, epoch, totals.step, totals.seconds, run.started)
     patience = run.patience
     stop_early = patience is not None and state.bad_epochs >= patience
@@ -606,7 +609,7 @@ def final_test(run: Run, stopped_early: bool, sup: Supervisor, started: float) -
         "per_class_test_acc": dict(zip(run.splits.classes, test.per_class_acc, strict=True)),
     }
     if run.plan is not None:  # trainer.time_budget / trainer.plan: plan.json holds the whole schedule
-        summary.update(time_budget_seconds=run.plan.budget_seconds if run.plan_live else None,
+        summary.update(time_budget_seconds=run.plan.budget_seconds if run.plan_mode != "replay" else None,
                        planned_epochs=run.plan.epochs, replans=len(run.plan.replans))
     summary["wall_seconds"] = round(time.monotonic() - started, 3)
     write_json(run.out / "summary.json", summary)

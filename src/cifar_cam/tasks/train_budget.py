@@ -15,21 +15,23 @@ Three ways a run gets its plan (cifar_cam.budget.Plan, written to plan.json in t
 
 from __future__ import annotations
 
-import io
 import logging
 import math
+import tempfile
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from cifar_cam.augment import ResizedBatches
+from cifar_cam.augment import ResizedBatches, mix_batch, mix_rng
 from cifar_cam.budget import Overhead, Plan, RunFacts, format_duration, replan, template_from, time_budget_seconds
-from cifar_cam.checkpoint import rng_state, set_rng_state
+from cifar_cam.checkpoint import rng_state, save_checkpoint, set_rng_state
 from cifar_cam.data import EvalBatches, ImageArrays
 from cifar_cam.engine import autocast, backward_and_step, input_memory_format, predict
+from cifar_cam.errors import ConfigError
 
 if TYPE_CHECKING:
     from cifar_cam.supervise import Supervisor
@@ -63,6 +65,10 @@ def fixed_plan(run: Run, resume: dict[str, Any] | None, mode: str) -> Plan:
     """The plan of a resume (the checkpoint's) or a replay (trainer.plan's file, checked against this run)."""
     if mode == "resume":
         plan = Plan.from_dict(resume["plan"], source=str(resume["path"]))  # type: ignore[index]
+        if run.cfg.trainer.epochs != plan.epochs:
+            raise ConfigError(f"trainer.epochs={run.cfg.trainer.epochs}: the run being resumed follows its plan of "
+                              f"{plan.epochs} epochs (plan.json), which a resume continues as recorded; drop "
+                              "trainer.epochs, or replay a longer plan in a new run (trainer.plan=)")
         log.info("continuing the run's plan: %d epochs (plan.json; a resumed run does not re-plan)", plan.epochs)
         return plan
     plan = Plan.load(run.cfg.trainer.plan)
@@ -87,12 +93,15 @@ def probe(run: Run, sizes: list[int], sup: Supervisor) -> tuple[dict[int, float]
     """Seconds of one training step at each size, and the per-epoch / final overheads, measured here.
 
     Training steps run on the real (compiled, DDP-wrapped) model over real batches of a throw-away epoch 0,
-    with a throw-away optimizer; the weights, BatchNorm statistics and RNG states are put back, so the run
-    trains as if nothing happened. Validation and the final test are timed on one evaluation batch, a
-    checkpoint write on an in-memory save of the model and optimizer.
+    with a throw-away optimizer, as the epochs take them (MixUp / CutMix, clipping, the EMA update); the
+    weights, BatchNorm statistics, EMA and RNG states are put back, so the run trains as if nothing happened.
+    Validation and the final test are timed on one evaluation batch, a checkpoint write by writing the run's
+    checkpoint to a temporary file.
     """
     cfg, device = run.cfg, run.device
     saved = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    ema_saved = None if run.ema is None else ({k: v.clone() for k, v in run.ema.state_dict().items()},
+                                              run.ema.updates)
     rng = rng_state(device)
     optimizer = instantiate(cfg.optimizer)(run.model.parameters())
     scaler = None if run.scaler is None else torch.amp.GradScaler(device.type)  # the run's keeps its scale
@@ -110,9 +119,13 @@ def probe(run: Run, sizes: list[int], sup: Supervisor) -> tuple[dict[int, float]
 
     def step(size: int) -> None:
         (images, labels), = ResizedBatches([next_batch()], size)
+        if cfg.aug.get("mix"):
+            images, labels = mix_batch(images, labels, run.splits.num_classes, cfg.aug, mix_rng(cfg.seed, 0, 0))
         with autocast(device, run.amp_dtype):
             loss = run.criterion(run.train_model(images.contiguous(memory_format=memory_format)), labels)
-        backward_and_step(loss, optimizer, scaler)
+        backward_and_step(loss, optimizer, scaler, cfg.trainer.get("grad_clip"))
+        if run.ema is not None:
+            run.ema.update(run.model)
 
     run.train_model.train()
     seconds: dict[int, float] = {}
@@ -126,21 +139,42 @@ def probe(run: Run, sizes: list[int], sup: Supervisor) -> tuple[dict[int, float]
     one = EvalBatches(ImageArrays(test.images[:n], test.labels[:n], test.index[:n]), cfg.eval.batch_size, device)
     predict(run.model, one, device=device, amp_dtype=run.amp_dtype)  # untimed first call
     per_image = _timed(lambda: predict(run.model, one, device=device, amp_dtype=run.amp_dtype), device) / n
-    buffer = io.BytesIO()
-    save = _timed(lambda: torch.save({"m": run.model.state_dict(), "o": optimizer.state_dict()}, buffer), device)
     run.model.load_state_dict(saved)
+    if ema_saved is not None:
+        run.ema.load(*ema_saved)  # type: ignore[union-attr]
     set_rng_state(rng, device)
+    save = 0.0
+    if run.world.is_main:  # only rank 0 writes checkpoints
+        with tempfile.TemporaryDirectory(dir=run.out) as tmp:
+            save = _timed(lambda: save_checkpoint(run.payload(), Path(tmp) / "probe.pt"), device)
     val_images = 0 if run.splits.val is None else len(run.splits.val)
     every = cfg.trainer.get("checkpoint_every", 1)
     best_too = 2 if run.val_batches is not None else 1  # best.pt: a write of its own, or a copy of last.pt
-    overhead = Overhead(epoch_seconds=val_images * per_image + (best_too * save + PLOT_SECONDS) / every,
+    run.write_seconds = (best_too * save + PLOT_SECONDS) / every
+    overhead = Overhead(epoch_seconds=val_images * per_image + run.write_seconds,
                         final_seconds=len(run.splits.test) * per_image * (2 if cfg.eval.tta else 1) + save)
     return seconds, overhead
 
 
+def from_rank0(run: Run, decide: Any) -> Plan:
+    """The plan `decide()` makes on rank 0, on every rank; an error there ends every rank with its line (none
+    waits for a plan that never comes)."""
+    from cifar_cam import distributed
+
+    made: Any = None
+    if run.world.is_main:
+        try:
+            made = decide().to_dict()
+        except (ConfigError, ValueError) as e:
+            made = {"error": str(e)}
+    made = distributed.object_from_rank0(made, run.world)
+    if "error" in made:
+        raise ConfigError(made["error"])
+    return Plan.from_dict(made)
+
+
 def make_plan(run: Run, sup: Supervisor, started: float) -> Plan:
     """A budgeted run's first plan: probe, then the most epochs that fit (rank 0's, on every rank)."""
-    from cifar_cam import distributed
 
     t = run.cfg.trainer
     budget = time_budget_seconds(t.time_budget)
@@ -148,10 +182,8 @@ def make_plan(run: Run, sup: Supervisor, started: float) -> Plan:
     template = template_from(list(t.get("progressive_resize") or []), t.epochs, full)
     sizes = sorted({s for s, _ in template} | {full})
     step_seconds, overhead = probe(run, sizes, sup)
-    plan = None
-    if run.world.is_main:
-        plan = Plan.create(run_facts(run), budget, time.monotonic() - started, step_seconds, template, overhead)
-    plan = Plan.from_dict(distributed.object_from_rank0(None if plan is None else plan.to_dict(), run.world))
+    plan = from_rank0(run, lambda: Plan.create(run_facts(run), budget, time.monotonic() - started, step_seconds,
+                                               template, overhead))
     late = plan.overrun_bound()
     log.info("time budget %s: %s; planned %d epochs (%s px), %d steps, ~%s of training and test, re-planned "
              "after each epoch (plan.json); %s", format_duration(budget),
@@ -185,26 +217,33 @@ def apply_plan(run: Run, plan: Plan) -> None:
         plan.save(run.out / "plan.json")
 
 
-GROW_AT_LEAST = 2  # epochs a re-plan must add before the plan grows (a plan that fits is kept: no back and forth)
+GROW_AT_LEAST = 2  # a plan grows only when this many more epochs fit, and then by one less (headroom): timing
+                   # noise of a few percent then neither grows it nor, right after, shrinks it back
 
 
 def replan_after(run: Run, epoch: int, epoch_steps: int, train_seconds: float, started: float) -> str | None:
     """A budgeted run's re-plan at the end of `epoch`: the remaining epochs at the speed its steps just had.
 
-    Fewer epochs are taken at once (the plan no longer fits); more only when at least GROW_AT_LEAST more fit,
-    so timing noise does not move the plan back and forth by one. Returns the log line of a change.
+    Fewer epochs are taken at once (the plan no longer fits); more only when at least GROW_AT_LEAST more fit, and
+    then one less than fit, so timing noise does not move the plan back and forth. Returns the log line of a change.
     """
-    from cifar_cam import distributed
-
     plan = run.plan
     size = plan.size_of(epoch)
-    new = plan
-    if run.world.is_main and epoch_steps > 0 and train_seconds > 0:
-        new = replan(plan, epoch, time.monotonic() - started, {size: train_seconds / epoch_steps})
+
+    def decide() -> Plan:
+        if epoch_steps <= 0 or train_seconds <= 0:
+            return plan
+        # this epoch's checkpoint write and plot come after the re-plan: counted as spent already
+        elapsed = time.monotonic() - started + run.write_seconds * plan.speed_factor()
+        observed = {size: train_seconds / epoch_steps}
+        new = replan(plan, epoch, elapsed, observed)
         if plan.epochs < new.epochs < plan.epochs + GROW_AT_LEAST:
-            new = plan
-    if run.world.distributed:
-        new = Plan.from_dict(distributed.object_from_rank0(new.to_dict(), run.world))
+            return plan
+        if new.epochs >= plan.epochs + GROW_AT_LEAST:  # grow, keeping one epoch of headroom
+            return replan(plan, epoch, elapsed, observed, max_epochs=new.epochs - 1)
+        return new
+
+    new = from_rank0(run, decide)
     if new.to_dict() == plan.to_dict():
         return None
     at, total = new.revisions[-1]
