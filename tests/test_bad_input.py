@@ -38,6 +38,7 @@ CASES: dict[str, Case] = {
     "unknown_command": Case(("trian",), "unknown command 'trian' (did you mean train?)"),
     "negative_lr": Case(("train", "optimizer.lr=-1"), "optimizer.lr must be a number > 0 or 'auto'"),
     "zero_epochs": Case(("train", "trainer.epochs=0"), "trainer.epochs must be an integer >= 1, got 0", slow=True),
+    "sweep_without_m": Case(("train", "seed=1,2"), "seed=1,2 lists several values: add -m to run one job each"),
     "epochs_not_a_number": Case(("train", "trainer.epochs=abc"), "trainer.epochs must be an integer >= 1, got 'abc'"),
     "fractional_batch_size": Case(("train", "data.batch_size=1.5"), "data.batch_size must be an integer >= 1",
                                   slow=True),

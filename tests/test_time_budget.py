@@ -123,3 +123,17 @@ def test_a_resumed_budgeted_run_continues_its_plan_exactly(tmp_path: Path) -> No
                      cwd=tmp_path, env=ENV, timeout=WAIT)
     assert replay.returncode == 0, replay.stderr
     assert rows(run) == rows(tmp_path / "replay") and len(rows(run)) == planned.epochs
+
+
+def test_a_planned_runs_epochs_and_sizes_are_not_tracked_as_params() -> None:
+    """Re-plans change them as the run goes: as params MLflow would report them as changed by the user."""
+    from types import SimpleNamespace
+
+    from cifar_cam.tasks.train import tracked_params
+
+    cfg = compose_cfg("train", [*BUDGETED, "trainer.time_budget=60s"])
+    planned = tracked_params(SimpleNamespace(cfg=cfg, plan=object()))  # type: ignore[arg-type]
+    assert "epochs" not in planned["trainer"] and "progressive_resize" not in planned["trainer"]
+    assert planned["trainer"]["time_budget"] == "60s"
+    unplanned = tracked_params(SimpleNamespace(cfg=cfg, plan=None))  # type: ignore[arg-type]
+    assert unplanned["trainer"]["epochs"] == 4

@@ -121,6 +121,17 @@ def _sweep_variants(overrides: list[str], limit: int = 100) -> list[list[str]]:
     return variants[:limit]
 
 
+def sweep_without_multirun(overrides: list[str]) -> str | None:
+    """The first override that lists several values (a=1,2: a sweep), for a command line without -m; else None."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # bad grammar: the pre-check says so in its own words
+        return None
+    return next((o.input_line for o in parsed if o.is_sweep_override()), None)
+
+
 def explain_hydra_error(e: Exception, config_name: str, overrides: list[str]) -> str:
     """Turns Hydra's multi-line composition errors into one actionable line."""
     import re
@@ -557,6 +568,11 @@ def _main(argv: list[str] | None) -> None:
         return
     extra: list[str] = []
     # --cfg prints the config a run would get: checked the same way (one line, exit 2), nothing reserved
+    swept = None if flags & {"-m", "--multirun"} else sweep_without_multirun(overrides)
+    if swept is not None:
+        key = swept.split("=", 1)[0]
+        fail(command, f"{swept} lists several values: add -m to run one job each (a sweep), or write "
+                      f"'{key}=[a,b]' for one run with a list")
     if not flags & INFO_FLAGS or flags & {"--cfg", "-c"}:
         overrides = inherit_choices(command, overrides)  # ckpt= is read once for these checks and the task
         cfg = precheck(command, overrides, machine=not flags & INFO_FLAGS)

@@ -533,7 +533,7 @@ class Trackers:
                             str(e).splitlines()[0] if str(e) else "")
 
     def log_image(self, tag: str, path: Path, step: int | None = None) -> None:
-        """A PNG (confusion matrix, Grad-CAM grid): TensorBoard's IMAGES tab, the MLflow artifact
+        """A PNG (the confusion matrix, the curves): TensorBoard's IMAGES tab, the MLflow artifact
         images/<tag>/step_<step>.png. At a training step: buffered with that step's records (its bytes in state(),
         written by commit()); `step` None: written now at final_step, as log_final."""
         if not self._backends:

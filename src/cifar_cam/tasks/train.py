@@ -393,7 +393,7 @@ def train(cfg: DictConfig) -> float:
         # [ddp] rank 0 alone tracks; a resume continues the trackers' runs from the checkpoint's state
         run.trackers = Trackers.open(cfg.get("logger") if run.world.is_main else None, out,
                                      None if resume is None else resume.get("logger"), run_name=out.name)
-        run.trackers.log_params(plain(cfg))
+        run.trackers.log_params(tracked_params(run))
         status = "FAILED"
         try:
             if mode != "budget":
@@ -573,7 +573,17 @@ def track_final(run: Run, test: Any, summary: dict[str, Any]) -> None:
     if (run.out / "curves.png").is_file():
         run.trackers.log_image("curves", run.out / "curves.png")
     finals = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    run.trackers.log_final(plain(run.cfg), finals)
+    run.trackers.log_final(tracked_params(run), finals)
+
+
+def tracked_params(run: Run) -> dict[str, Any]:
+    """The config as the trackers' hyperparameters. A planned run's epochs and sizes are the plan's, which
+    re-plans change (plan.json, and planned_epochs among the final metrics): left out, not a changed param."""
+    params = plain(run.cfg)
+    if run.plan is not None:
+        for key in ("epochs", "progressive_resize"):
+            params["trainer"].pop(key, None)
+    return params
 
 
 def final_test(run: Run, stopped_early: bool, sup: Supervisor, started: float) -> None:

@@ -55,6 +55,9 @@ def wants_plan(run: Run, resume: dict[str, Any] | None) -> str | None:
     """'resume', 'replay', 'budget' or None: where this run's plan comes from."""
     t = run.cfg.trainer
     if resume is not None:
+        if t.get("time_budget") is not None or t.get("plan"):  # a budget is for a run's first sitting
+            log.info("a resumed run continues %s; trainer.time_budget and trainer.plan apply to new runs only",
+                     "the plan in its checkpoint" if resume.get("plan") else "as it was trained, without a plan")
         return "resume" if resume.get("plan") else None
     if t.get("plan"):
         return "replay"
@@ -73,11 +76,9 @@ def fixed_plan(run: Run, resume: dict[str, Any] | None, mode: str) -> Plan:
         return plan
     plan = Plan.load(run.cfg.trainer.plan)
     plan.check_matches(run_facts(run))
-    if run.cfg.trainer.get("time_budget") is not None:
-        log.info("trainer.plan replays %s: %d epochs as recorded; trainer.time_budget is not used",
-                 run.cfg.trainer.plan, plan.epochs)
-    else:
-        log.info("trainer.plan replays %s: %d epochs as recorded", run.cfg.trainer.plan, plan.epochs)
+    log.info("trainer.plan replays %s: %d epochs (%s) and its LR schedule as recorded; trainer.epochs, "
+             "trainer.progressive_resize%s are not used", run.cfg.trainer.plan, plan.epochs, _sizes_text(plan.sizes),
+             " and trainer.time_budget" if run.cfg.trainer.get("time_budget") is not None else "")
     return plan
 
 
@@ -185,7 +186,7 @@ def make_plan(run: Run, sup: Supervisor, started: float) -> Plan:
     plan = from_rank0(run, lambda: Plan.create(run_facts(run), budget, time.monotonic() - started, step_seconds,
                                                template, overhead))
     late = plan.overrun_bound()
-    log.info("time budget %s: %s; planned %d epochs (%s px), %d steps, ~%s of training and test, re-planned "
+    log.info("time budget %s: %s; planned %d epochs (%s), %d steps, ~%s of training and test, re-planned "
              "after each epoch (plan.json); %s", format_duration(budget),
              ", ".join(f"{s}px {v * 1000:.0f} ms/step" for s, v in step_seconds.items()), plan.epochs,
              _sizes_text(plan.sizes), plan.total_steps, format_duration(plan.predicted_seconds),
@@ -195,12 +196,8 @@ def make_plan(run: Run, sup: Supervisor, started: float) -> Plan:
 
 
 def _sizes_text(sizes: list[int]) -> str:
-    """[12, 12, 16, 32] -> '12x2 16 32'."""
-    out: list[str] = []
-    for s in dict.fromkeys(sizes):
-        n = sizes.count(s)
-        out.append(f"{s}x{n}" if n > 1 else str(s))
-    return " ".join(out)
+    """[12, 12, 16, 32] -> '2 at 12 px, 1 at 16 px, 1 at 32 px'."""
+    return ", ".join(f"{sizes.count(s)} at {s} px" for s in dict.fromkeys(sizes))
 
 
 def apply_plan(run: Run, plan: Plan) -> None:
@@ -257,4 +254,4 @@ def replan_after(run: Run, epoch: int, epoch_steps: int, train_seconds: float, s
     if run.world.is_main:
         new.save(run.out / "plan.json")
     last = new.replans[-1] if new.replans else {}
-    return f"re-planned after epoch {epoch}: {last.get('reason', 'speed')} ({_sizes_text(new.sizes)} px)"
+    return f"re-planned after epoch {epoch}: {last.get('reason', 'speed')} ({_sizes_text(new.sizes)})"
