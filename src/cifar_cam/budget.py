@@ -300,7 +300,8 @@ class RunFacts:
 
 # field -> (how the message names it, what the user can set to match)
 _FACT_HINTS = {
-    "train_images": ("training images", "use the same data, data.subset and data.val_size"),
+    "train_images": ("training images",
+                     "use the same data, data.subset and data.val_size (data.train_size for synthetic data)"),
     "batch_size": ("batch size", "set data.batch_size={planned}"),
     "model": ("model", "set model.name={planned}"),
     "width": ("model width", "set model.width={planned}"),
