@@ -561,37 +561,17 @@ def _add_docs_and_page(app: FastAPI) -> None:
         return HTMLResponse(index.read_text(encoding="utf-8") if index.is_file() else PLACEHOLDER)
 
 
-def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAPI:
-    """The FastAPI app serving `predictor`."""
-    settings = settings or Settings()
-    info = model_info(predictor, settings)
-    model_id = info["id"]
-    batcher = Batcher(predictor, settings.max_batch, settings.max_wait_ms)
-    limit = settings.max_upload_bytes
-    n_classes = len(predictor.classes)
-    size = predictor.image_size
-    gallery = load_gallery(settings.gallery) if settings.gallery else None
+class Answers:
+    """What both predict routes do with an image: check the query, run it through the batcher, shape the answer."""
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> Any:
-        batcher.start()
-        await batcher.run(predictor.logits, np.zeros((1, size, size, 3), np.uint8))  # warm-up
-        yield
-        await batcher.stop()
+    def __init__(self, predictor: Predictor, settings: Settings, batcher: Batcher, model_id: str) -> None:
+        self.predictor, self.settings, self.batcher, self.model_id = predictor, settings, batcher, model_id
+        self.n_classes, self.size = len(predictor.classes), predictor.image_size
 
-    app = FastAPI(title="cifar-cam serve", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
-                  description=f"A {predictor.kind} CIFAR classifier ({n_classes} classes, {size}x{size} px) "
-                              "with Grad-CAM. Every error is JSON {\"detail\": message}.")
-    app.state.predictor, app.state.settings, app.state.batcher, app.state.info = predictor, settings, batcher, info
-    app.state.gallery = gallery
-    if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, key=settings.api_key)
-    _add_error_handlers(app)
-    _add_gallery_routes(app, gallery)
-    _add_docs_and_page(app)
-
-    def check_query(topk: int | None, cam: bool, layer: str) -> tuple[int, str | None]:
-        k = settings.topk if topk is None else topk
+    def check_query(self, topk: int | None, cam: bool, layer: str) -> tuple[int, str | None]:
+        """(k, the CAM layer or None) of a request's query; ApiError 422 for one the model cannot answer."""
+        predictor, n_classes = self.predictor, self.n_classes
+        k = self.settings.topk if topk is None else topk
         if topk is not None and topk > n_classes:
             raise ApiError(422, f"topk={topk}: the model has {n_classes} classes; pass topk between 1 and "
                                 f"{n_classes}")
@@ -603,17 +583,59 @@ def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAP
                                 f"{', '.join(predictor.backend.layers)} only; serve the .pt checkpoint for others")
         return k, layer if cam else None
 
-    async def answer(pixels: np.ndarray, k: int, layer: str | None) -> dict[str, Any]:
-        logits, heatmap = await batcher.submit(pixels, layer)
-        pred = predictor.top(logits[None], k)[0]
+    async def image(self, data: bytes, name: str) -> np.ndarray:
+        """An upload decoded to the model's input size (off the event loop); ApiError for a bad one."""
+        return await asyncio.to_thread(load_image, data, name, self.size, self.settings.max_pixels)
+
+    async def answer(self, pixels: np.ndarray, k: int, layer: str | None) -> dict[str, Any]:
+        """Top-k classes of one image (and its CAM overlay at `layer`), through the batcher."""
+        logits, heatmap = await self.batcher.submit(pixels, layer)
+        pred = self.predictor.top(logits[None], k)[0]
         out: dict[str, Any] = {"classes": pred.classes, "probabilities": [round(p, 6) for p in pred.probabilities],
-                               "model": model_id}
+                               "model": self.model_id}
         if layer is not None and heatmap is not None:
             out["layer"] = layer
-            out["overlay_png"] = await asyncio.to_thread(overlay_png, pixels, heatmap, settings.overlay_size)
+            out["overlay_png"] = await asyncio.to_thread(overlay_png, pixels, heatmap, self.settings.overlay_size)
             out["input_png"] = png_base64(pixels)  # the model's view (size x size)
         return out
 
+
+def _single_upload(body: bytes, ctype: str) -> tuple[bytes, str]:
+    """/v1/predict's image and how messages name it: a multipart field 'file', or the raw body."""
+    if ctype.startswith("multipart/form-data"):
+        parts = parse_multipart(body, ctype, max_parts=8)
+        files = [p for p in parts if p.name == "file"]
+        if not files:
+            got = ", ".join(sorted({repr(p.name) for p in parts})) or "none"
+            raise ApiError(422, f"multipart field 'file' is missing (fields sent: {got}); send the image as "
+                                "-F file=@image.png, or as the raw body")
+        if len(files) > 1:
+            raise ApiError(422, f"{len(files)} 'file' fields: /v1/predict takes one image; "
+                                "send several to /v1/predict/batch as 'files'")
+        return files[0].data, f"upload '{files[0].filename or 'file'}'"
+    if ctype.startswith("application/x-www-form-urlencoded"):
+        raise ApiError(415, "a url-encoded form carries no file; send multipart/form-data (-F file=@image.png) "
+                            "or the image bytes as the body")
+    return body, "the request body"
+
+
+def _batch_uploads(body: bytes, ctype: str, max_images: int) -> list[Part]:
+    """/v1/predict/batch's multipart fields 'files' (at most `max_images`)."""
+    parts = parse_multipart(body, ctype, max_parts=max_images + 8)
+    files = [p for p in parts if p.name == "files"]
+    if not files:
+        got = ", ".join(sorted({repr(p.name) for p in parts})) or "none"
+        raise ApiError(422, f"multipart field 'files' is missing (fields sent: {got}); "
+                            "send -F files=@a.png -F files=@b.png")
+    if len(files) > max_images:
+        raise ApiError(413, f"{len(files)} files, over serve.max_batch_images={max_images}; "
+                            "split them over several requests")
+    return files
+
+
+def _add_predict_routes(app: FastAPI, answers: Answers) -> None:
+    """POST /v1/predict (one image: multipart or raw body) and /v1/predict/batch (multipart 'files')."""
+    settings, predictor = answers.settings, answers.predictor
     topk_q = Query(None, ge=1, description=f"classes per image (default serve.topk={settings.topk})")
     cam_q = Query(False, description="add the Grad-CAM overlay of the top class (base64 PNG)")
     layer_q = Query("layer4", description=f"CAM layer: {', '.join(predictor.backend.layers)}")
@@ -622,27 +644,10 @@ def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAP
     async def predict(request: Request, topk: int | None = topk_q, cam: bool = cam_q, layer: str = layer_q
                       ) -> dict[str, Any]:
         t0 = time.perf_counter()
-        k, cam_layer = check_query(topk, cam, layer)
-        body = await read_body(request, limit)
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            parts = parse_multipart(body, ctype, max_parts=8)
-            files = [p for p in parts if p.name == "file"]
-            if not files:
-                got = ", ".join(sorted({repr(p.name) for p in parts})) or "none"
-                raise ApiError(422, f"multipart field 'file' is missing (fields sent: {got}); send the image as "
-                                    "-F file=@image.png, or as the raw body")
-            if len(files) > 1:
-                raise ApiError(422, f"{len(files)} 'file' fields: /v1/predict takes one image; "
-                                    "send several to /v1/predict/batch as 'files'")
-            data, name = files[0].data, f"upload '{files[0].filename or 'file'}'"
-        elif ctype.startswith("application/x-www-form-urlencoded"):
-            raise ApiError(415, "a url-encoded form carries no file; send multipart/form-data (-F file=@image.png) "
-                                "or the image bytes as the body")
-        else:
-            data, name = body, "the request body"
-        pixels = await asyncio.to_thread(load_image, data, name, size, settings.max_pixels)
-        out = await answer(pixels, k, cam_layer)
+        k, cam_layer = answers.check_query(topk, cam, layer)
+        body = await read_body(request, settings.max_upload_bytes)
+        data, name = _single_upload(body, request.headers.get("content-type", ""))
+        out = await answers.answer(await answers.image(data, name), k, cam_layer)
         out["ms"] = round((time.perf_counter() - t0) * 1000, 3)
         return out
 
@@ -651,29 +656,19 @@ def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAP
     async def predict_batch(request: Request, topk: int | None = topk_q, cam: bool = cam_q,
                             layer: str = layer_q) -> dict[str, Any]:
         t0 = time.perf_counter()
-        k, cam_layer = check_query(topk, cam, layer)
+        k, cam_layer = answers.check_query(topk, cam, layer)
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise ApiError(415, "send multipart/form-data with the images as fields 'files' "
                                 "(curl -F files=@a.png -F files=@b.png)")
-        body = await read_body(request, limit)
-        parts = parse_multipart(body, ctype, max_parts=settings.max_batch_images + 8)
-        files = [p for p in parts if p.name == "files"]
-        if not files:
-            got = ", ".join(sorted({repr(p.name) for p in parts})) or "none"
-            raise ApiError(422, f"multipart field 'files' is missing (fields sent: {got}); "
-                                "send -F files=@a.png -F files=@b.png")
-        if len(files) > settings.max_batch_images:
-            raise ApiError(413, f"{len(files)} files, over serve.max_batch_images={settings.max_batch_images}; "
-                                "split them over several requests")
+        body = await read_body(request, settings.max_upload_bytes)
+        files = _batch_uploads(body, ctype, settings.max_batch_images)
 
         async def one(i: int, part: Part) -> dict[str, Any]:
             name = part.filename or f"files[{i}]"
             item: dict[str, Any] = {"index": i, "name": name}
             try:
-                pixels = await asyncio.to_thread(load_image, part.data, f"upload '{name}'", size,
-                                                 settings.max_pixels)
-                item.update(await answer(pixels, k, cam_layer))
+                item.update(await answers.answer(await answers.image(part.data, f"upload '{name}'"), k, cam_layer))
                 item["status"] = 200
                 del item["model"]
             except ApiError as e:
@@ -681,7 +676,36 @@ def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAP
             return item
 
         results = await asyncio.gather(*(one(i, p) for i, p in enumerate(files)))
-        return {"model": model_id, "results": list(results), "ms": round((time.perf_counter() - t0) * 1000, 3)}
+        return {"model": answers.model_id, "results": list(results),
+                "ms": round((time.perf_counter() - t0) * 1000, 3)}
+
+
+def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAPI:
+    """The FastAPI app serving `predictor`: the batcher, the middleware, then the routes, step by step."""
+    settings = settings or Settings()
+    info = model_info(predictor, settings)
+    batcher = Batcher(predictor, settings.max_batch, settings.max_wait_ms)
+    size = predictor.image_size
+    gallery = load_gallery(settings.gallery) if settings.gallery else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        batcher.start()
+        await batcher.run(predictor.logits, np.zeros((1, size, size, 3), np.uint8))  # warm-up
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="cifar-cam serve", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
+                  description=f"A {predictor.kind} CIFAR classifier ({len(predictor.classes)} classes, "
+                              f"{size}x{size} px) with Grad-CAM. Every error is JSON {{\"detail\": message}}.")
+    app.state.predictor, app.state.settings, app.state.batcher, app.state.info = predictor, settings, batcher, info
+    app.state.gallery = gallery
+    if settings.api_key:
+        app.add_middleware(ApiKeyMiddleware, key=settings.api_key)
+    _add_error_handlers(app)
+    _add_gallery_routes(app, gallery)
+    _add_docs_and_page(app)
+    _add_predict_routes(app, Answers(predictor, settings, batcher, info["id"]))
 
     @app.get("/v1/model", summary="The model card: classes, input, accuracy, source checkpoint")
     async def model() -> dict[str, Any]:
@@ -689,7 +713,7 @@ def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAP
 
     @app.get("/healthz", summary="Liveness (needs no API key)")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model": model_id, "passes": batcher.passes, "images": batcher.images}
+        return {"status": "ok", "model": info["id"], "passes": batcher.passes, "images": batcher.images}
 
     return app
 
