@@ -34,6 +34,13 @@ def _per_group(name: str, optimizer: Optimizer, value: float | Sequence[float]) 
     return [float(value)] * len(optimizer.param_groups)
 
 
+def in_scheduler_steps(revisions: Sequence[Sequence[int]], interval: str, steps_per_epoch: int) -> list[list[int]]:
+    """A plan's [at_step, total_steps] revisions (in optimizer steps) in the steps of a scheduler stepped per
+    'step' (the same) or per 'epoch' (epochs, the total rounded up)."""
+    unit = 1 if interval == "step" else steps_per_epoch
+    return [[int(at) // unit, -(-int(total) // unit)] for at, total in revisions]
+
+
 class RevisedSchedule(LRScheduler):
     """A schedule shape f(v) over a 'virtual step' v in [0, V] (V = the first revision's total_steps - floor_offset),
     with the steps mapped onto v by the revisions; subclasses set floor_offset and implement `_values(v)`.

@@ -242,7 +242,7 @@ def _check_budget(c: DictConfig) -> None:
 
     time_budget_seconds(_get(c, "trainer.time_budget"))
     plan_path = _get(c, "trainer.plan")
-    if plan_path is None or command_is_resume(c):
+    if plan_path is None or _get(c, "ckpt"):  # a resume continues the plan in its checkpoint
         return
     plan = Plan.load(plan_path)
     for key, planned in (("data.batch_size", plan.run.batch_size), ("model.name", plan.run.model),
@@ -251,11 +251,6 @@ def _check_budget(c: DictConfig) -> None:
         if value != planned:
             raise ConfigError(f"trainer.plan={plan_path} was made for {key}={planned}, this run has {key}={value}; "
                               f"set {key}={planned}, or drop trainer.plan to plan anew")
-
-
-def command_is_resume(c: DictConfig) -> bool:
-    """Whether the config resumes a run (ckpt=): its plan then comes from the checkpoint."""
-    return bool(_get(c, "ckpt"))
 
 
 def _check_progressive_resize(c: DictConfig) -> None:

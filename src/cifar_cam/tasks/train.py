@@ -106,9 +106,10 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, epochs: i
         return None, interval
     span = scheduler_span(sched_cfg)  # the argument bound to the run's length (SCHEDULER_SPAN)
     if revisions is not None and span is not None:
-        unit = 1 if interval == "step" else steps_per_epoch  # an epoch-stepped schedule counts epochs
+        from cifar_cam.budget_schedule import in_scheduler_steps
+
         sched_cfg["_target_"] = REVISABLE[str(sched_cfg["_target_"]).rsplit(".", 1)[-1]]
-        sched_cfg["revisions"] = [[at // unit, -(-total // unit)] for at, total in revisions]
+        sched_cfg["revisions"] = in_scheduler_steps(revisions, interval, steps_per_epoch)
     if span == "total_steps":  # in the scheduler's own steps: batches, or epochs under interval=epoch
         sched_cfg["total_steps"] = total = epochs * (steps_per_epoch if interval == "step" else 1)
         warmup = sched_cfg.get("pct_start", 0.3) * total

@@ -16,7 +16,6 @@ Three ways a run gets its plan (cifar_cam.budget.Plan, written to plan.json in t
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from omegaconf import open_dict
 
 from cifar_cam.augment import ResizedBatches, mix_batch, mix_rng
 from cifar_cam.budget import Overhead, Plan, RunFacts, format_duration, replan, template_from, time_budget_seconds
+from cifar_cam.budget_schedule import in_scheduler_steps
 from cifar_cam.checkpoint import rng_state, save_checkpoint, set_rng_state
 from cifar_cam.data import EvalBatches, ImageArrays
 from cifar_cam.engine import autocast, backward_and_step, input_memory_format, predict
@@ -200,18 +200,23 @@ def _sizes_text(sizes: list[int]) -> str:
     return ", ".join(f"{sizes.count(s)} at {s} px" for s in dict.fromkeys(sizes))
 
 
-def apply_plan(run: Run, plan: Plan) -> None:
-    """The plan's epochs and image sizes into the run's config, its LR revisions into a new scheduler."""
-    from cifar_cam.tasks.train import build_scheduler
-
+def _adopt(run: Run, plan: Plan) -> None:
+    """`plan` becomes the run's: its epochs and image sizes into the config, plan.json written (rank 0)."""
     with open_dict(run.cfg):
         run.cfg.trainer.epochs = plan.epochs
         run.cfg.trainer.progressive_resize = list(plan.sizes)
-    run.scheduler, run.interval = build_scheduler(run.cfg, run.optimizer, plan.epochs, run.steps_per_epoch,
-                                                  revisions=plan.revisions)
     run.plan = plan
     if run.world.is_main:
         plan.save(run.out / "plan.json")
+
+
+def apply_plan(run: Run, plan: Plan) -> None:
+    """The run follows `plan` from its start: _adopt, and its LR revisions into a new scheduler."""
+    from cifar_cam.tasks.train import build_scheduler
+
+    _adopt(run, plan)
+    run.scheduler, run.interval = build_scheduler(run.cfg, run.optimizer, plan.epochs, run.steps_per_epoch,
+                                                  revisions=plan.revisions)
 
 
 GROW_AT_LEAST = 2  # a plan grows only when this many more epochs fit, and then by one less (headroom): timing
@@ -243,15 +248,8 @@ def replan_after(run: Run, epoch: int, epoch_steps: int, train_seconds: float, s
     new = from_rank0(run, decide)
     if new.to_dict() == plan.to_dict():
         return None
-    at, total = new.revisions[-1]
-    if run.scheduler is not None and hasattr(run.scheduler, "revise"):
-        unit = 1 if run.interval == "step" else run.steps_per_epoch  # an epoch-stepped schedule counts epochs
-        run.scheduler.revise(at // unit, math.ceil(total / unit))
-    with open_dict(run.cfg):
-        run.cfg.trainer.epochs = new.epochs
-        run.cfg.trainer.progressive_resize = list(new.sizes)
-    run.plan = new
-    if run.world.is_main:
-        new.save(run.out / "plan.json")
+    if run.scheduler is not None and hasattr(run.scheduler, "revise"):  # OneCycle / cosine (not plateau, none)
+        run.scheduler.revise(*in_scheduler_steps(new.revisions[-1:], run.interval, run.steps_per_epoch)[0])
+    _adopt(run, new)
     last = new.replans[-1] if new.replans else {}
     return f"re-planned after epoch {epoch}: {last.get('reason', 'speed')} ({_sizes_text(new.sizes)})"
