@@ -43,11 +43,15 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from cifar_cam.augment import BACKENDS, PRESETS, build_train_batches, build_train_transform
-from cifar_cam.data import CIFAR10_MEAN, CIFAR10_STD, ImageArrays, make_synthetic, resolve_num_workers
-from cifar_cam.engine import autocast, precision_name, resolve_precision, train_one_epoch
+from cifar_cam.config.choices import BACKENDS, PRESETS
+from cifar_cam.data.arrays import CIFAR10_MEAN, CIFAR10_STD, ImageArrays
+from cifar_cam.data.augment import build_train_batches, build_train_transform
+from cifar_cam.data.batches import resolve_num_workers
+from cifar_cam.data.sources import make_synthetic
 from cifar_cam.io import config_dir, write_json
 from cifar_cam.models import build_model
+from cifar_cam.training.device import autocast, precision_name, resolve_precision
+from cifar_cam.training.engine import train_one_epoch
 
 NUM_CLASSES = 10
 

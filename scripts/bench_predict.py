@@ -24,11 +24,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from cifar_cam import deploy  # noqa: E402
-from cifar_cam.export import quantize_int8, to_onnx  # noqa: E402
-from cifar_cam.inputs import find_inputs  # noqa: E402
-from cifar_cam.models import build_model  # noqa: E402
-from cifar_cam.predictor import Predictor  # noqa: E402
+from cifar_cam.inference import contract as deploy
+from cifar_cam.inference.inputs import find_inputs
+from cifar_cam.inference.predictor import Predictor
+from cifar_cam.inference.writers import quantize_int8, to_onnx
+from cifar_cam.models import build_model
 from cifar_cam.provenance import cpu_model  # noqa: E402
 from cifar_cam.tasks.predict import decoded_batches  # noqa: E402
 

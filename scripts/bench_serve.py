@@ -28,10 +28,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from cifar_cam.models import build_model  # noqa: E402
-from cifar_cam.predictor import Predictor  # noqa: E402
+from cifar_cam.inference.predictor import Predictor
+from cifar_cam.models import build_model
 from cifar_cam.provenance import cpu_model  # noqa: E402
-from cifar_cam.serve.app import Settings, create_app, running  # noqa: E402
+from cifar_cam.serve.app import create_app
+from cifar_cam.serve.server import running
+from cifar_cam.serve.settings import Settings
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

@@ -296,7 +296,7 @@ def finish(run: CheckRun, name: str, status: str, rc: int, start_us: int, end_us
 
 def validate(run: CheckRun) -> list[dict[str, Any]]:
     """Every cifar-cam line through the CLI's pre-check (torch-free, machine=False); bench.py's flags exist."""
-    from cifar_cam import cli
+    from cifar_cam.cli import precheck as cli
 
     results = []
     bench_source = (run.repo / "scripts" / "bench.py").read_text()

@@ -147,8 +147,10 @@ def served(trained_run: Path) -> Iterator[Served]:
     """The one server of the test run (test_serve, test_browser): the tiny run's model on a loopback port."""
     import httpx
 
-    from cifar_cam.predictor import Predictor
-    from cifar_cam.serve.app import Settings, create_app, running
+    from cifar_cam.inference.predictor import Predictor
+    from cifar_cam.serve.app import create_app
+    from cifar_cam.serve.server import running
+    from cifar_cam.serve.settings import Settings
 
     predictor = Predictor.load(trained_run, batch_size=64)
     calls: list[int] = []

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_cam.augment import EpochSampler, build_train_batches, build_train_transform
-from cifar_cam.data import make_synthetic
+from cifar_cam.data.augment import EpochSampler, build_train_batches, build_train_transform
+from cifar_cam.data.sources import make_synthetic
 from cifar_cam.errors import ConfigError
 
 SEED = {"preset": "seed", "backend": "albumentations", "hflip_p": 0.5, "rot90_p": 0.5, "rotate_limit": 10,

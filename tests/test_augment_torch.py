@@ -11,15 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_cam.augment import (
-    MEAN_PIXEL,
-    BatchParams,
-    DeviceAugment,
-    DeviceBatches,
-    build_train_batches,
-    epoch_order,
-)
-from cifar_cam.data import ImageArrays, Normalizer, make_synthetic
+from cifar_cam.data.arrays import MEAN_PIXEL, ImageArrays
+from cifar_cam.data.augment import build_train_batches
+from cifar_cam.data.batches import Normalizer, epoch_order
+from cifar_cam.data.device_augment import BatchParams, DeviceAugment, DeviceBatches
+from cifar_cam.data.sources import make_synthetic
 from cifar_cam.errors import ConfigError
 from conftest import TINY, only_run_dir, run_cli
 

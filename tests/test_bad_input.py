@@ -52,8 +52,9 @@ CASES: dict[str, Case] = {
     "muon_negative_aux_lr_scale": Case(("train", "optimizer=muon", "optimizer.aux_lr_scale=-2"),
                                        "optimizer.aux_lr_scale must be a number > 0", slow=True),
     "optimizer_target_not_an_optimizer": Case(("train", "optimizer=muon",
-                                               "optimizer._target_=cifar_cam.optim.orthogonalize"),
-                                              "optimizer._target_ must be a torch.optim class or cifar_cam.optim.Muon",
+                                               "optimizer._target_=cifar_cam.training.optim.orthogonalize"),
+                                              "optimizer._target_ must be a torch.optim class or "
+                                              "cifar_cam.training.optim.Muon",
                                               slow=True),
     "nesterov_not_a_bool": Case(("train", "optimizer.nesterov=maybe"), "optimizer.nesterov must be true or false",
                                 slow=True),

@@ -13,7 +13,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from cifar_cam.engine import precision_name, resolve_precision
+from cifar_cam.training.device import precision_name, resolve_precision
 from conftest import REPO
 
 BENCH = REPO / "scripts" / "bench.py"

@@ -48,8 +48,10 @@ from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 def base_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """The app over the tiny trained run (or $CIFAR_CAM_SCREENSHOT_CKPT), served by uvicorn in a background
     thread on a free loopback port."""
-    from cifar_cam.predictor import Predictor
-    from cifar_cam.serve.app import Settings, create_app, running
+    from cifar_cam.inference.predictor import Predictor
+    from cifar_cam.serve.app import create_app
+    from cifar_cam.serve.server import running
+    from cifar_cam.serve.settings import Settings
 
     ckpt = os.environ.get("CIFAR_CAM_SCREENSHOT_CKPT")
     if not ckpt:  # the test run's one server (conftest.served)
@@ -245,8 +247,10 @@ def test_page_works_from_the_keyboard(base_url: str, browser: webdriver.Chrome) 
 @pytest.fixture(scope="module")
 def keyed_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The app with serve.api_key and serve.gallery (a small gradcam run dir), on another loopback port."""
-    from cifar_cam.predictor import Predictor
-    from cifar_cam.serve.app import Settings, create_app, running
+    from cifar_cam.inference.predictor import Predictor
+    from cifar_cam.serve.app import create_app
+    from cifar_cam.serve.server import running
+    from cifar_cam.serve.settings import Settings
     from test_serve import make_gallery
 
     root = make_gallery(tmp_path_factory.mktemp("gallery") / "run")

@@ -20,7 +20,10 @@ import torch
 from omegaconf import OmegaConf
 from torch.optim.lr_scheduler import CosineAnnealingLR, OneCycleLR
 
-from cifar_cam.budget import (
+from cifar_cam.config.durations import format_duration, parse_duration, time_budget_seconds
+from cifar_cam.errors import ConfigError
+from cifar_cam.training.budget.lr_schedules import BudgetCosineLR, BudgetOneCycleLR
+from cifar_cam.training.budget.planner import (
     RESERVE_MIN_SECONDS,
     BudgetTooSmall,
     Overhead,
@@ -28,17 +31,12 @@ from cifar_cam.budget import (
     RunFacts,
     epoch_counts,
     epoch_sizes,
-    format_duration,
     overrun_bound,
-    parse_duration,
     plan_epochs,
     replan,
     reserve_seconds,
     template_from,
-    time_budget_seconds,
 )
-from cifar_cam.budget_schedule import BudgetCosineLR, BudgetOneCycleLR
-from cifar_cam.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_QUICK = [12, 12, 16, 16, 16, 24, 24, 24, 24]
@@ -90,7 +88,7 @@ def test_format_duration_is_read_back_by_parse_duration(seconds: float) -> None:
 
 
 def test_budget_module_does_not_import_torch() -> None:
-    code = "import sys, cifar_cam.budget; sys.exit('torch' in sys.modules)"
+    code = "import sys, cifar_cam.training.budget.planner; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
@@ -390,7 +388,7 @@ def test_one_revision_is_torchs_onecycle_on_every_step(kind: str, kwargs: dict, 
 
 
 def test_one_revision_with_muon_is_torchs_onecycle() -> None:
-    from cifar_cam.optim import Muon
+    from cifar_cam.training.optim import Muon
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     ours, theirs = Muon(model.parameters(), lr=0.04), Muon(model.parameters(), lr=0.04)

@@ -11,7 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from cifar_cam.cache import CACHE_HELP, cache_dir, cache_main, entries
+from cifar_cam.data.cache import cache_dir, entries
+from cifar_cam.tasks.cache import CACHE_HELP, cache_main
 
 FP = "0123456789abcdef"
 
@@ -53,7 +54,7 @@ def test_cache_dir_follows_xdg_and_the_override(cache: Path, tmp_path: Path, mon
 
 
 def test_cache_module_does_not_import_torch() -> None:
-    code = "import sys, cifar_cam.cache; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, cifar_cam.tasks.cache; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -127,7 +128,7 @@ def test_help_and_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_load_folder_logs_the_cache_file_and_its_size(cache: Path, tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:
-    from cifar_cam.data import load_folder
+    from cifar_cam.data.sources import load_folder
 
     root = tmp_path / "imgs"
     for split in ("train", "test"):

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from cifar_cam import Predictor
-from cifar_cam import calibration as cal
-from cifar_cam.cli import main
-from cifar_cam.data import build_splits
+from cifar_cam.cli.main import main
+from cifar_cam.data.sources import build_splits
 from cifar_cam.errors import ConfigError
+from cifar_cam.explain import calibration as cal
 from conftest import compose_cfg
 
 
@@ -68,15 +68,15 @@ def splits(trained_run: Path):
 
 def eval_logits(trained_run: Path, arrays) -> np.ndarray:
     """The logits `eval ... trainer.precision=fp32` computes for a split (its model and eval.batch_size, CPU)."""
-    from cifar_cam.checkpoint import load_checkpoint
-    from cifar_cam.data import EvalBatches
-    from cifar_cam.engine import predict
+    from cifar_cam.data.batches import EvalBatches
     from cifar_cam.tasks.common import checkpoint_model
+    from cifar_cam.training.checkpoint import load_checkpoint
+    from cifar_cam.training.engine import collect_logits
 
     payload = load_checkpoint(trained_run)
     cpu = torch.device("cpu")
     batches = EvalBatches(arrays, payload["config"]["eval"]["batch_size"], cpu)
-    return predict(checkpoint_model(payload, cpu), batches, device=cpu).logits.numpy()
+    return collect_logits(checkpoint_model(payload, cpu), batches, device=cpu).logits.numpy()
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def test_predict_with_calibration_reports_softmax_of_logits_over_t(calibrated: Path, trained_run: Path,
                                                                     tmp_path: Path, splits) -> None:
-    from cifar_cam.tasks.predict import predict
+    from cifar_cam.tasks.predict import predict_images
 
     t = json.loads((calibrated / "calibration.json").read_text())["temperature"]
     images = splits.test.images[:6]
@@ -162,7 +162,7 @@ def test_predict_with_calibration_reports_softmax_of_logits_over_t(calibrated: P
         (tmp_path / f"{i}.png").write_bytes(png_bytes(image))
     cfg = compose_cfg("predict", [f"ckpt={trained_run}", f"inputs={tmp_path}", f"predict.calibration={calibrated}",
                                   "trainer.device=cpu", "trainer.precision=fp32"], run_dir=tmp_path / "run")
-    predict(cfg)
+    predict_images(cfg)
     written = json.loads((tmp_path / "run" / "predictions.json").read_text())
     logits = Predictor.load(trained_run).logits(images)
     expected = cal.softmax(logits, t)
@@ -211,7 +211,9 @@ def test_a_bad_calibration_file_is_one_line_exit_2(trained_run: Path, tmp_path: 
 def test_serve_answers_with_calibrated_probabilities(calibrated: Path, trained_run: Path, splits) -> None:
     import httpx
 
-    from cifar_cam.serve.app import Settings, create_app, load_predictor, running, spec_json
+    from cifar_cam.serve.app import create_app, load_predictor, spec_json
+    from cifar_cam.serve.server import running
+    from cifar_cam.serve.settings import Settings
 
     t = json.loads((calibrated / "calibration.json").read_text())["temperature"]
     settings = Settings(calibration=str(calibrated), max_wait_ms=0)
@@ -227,7 +229,7 @@ def test_serve_answers_with_calibrated_probabilities(calibrated: Path, trained_r
 
 def test_export_writes_the_temperature_into_the_model_card(calibrated: Path, trained_run: Path,
                                                            tmp_path: Path) -> None:
-    from cifar_cam.export import read_card
+    from cifar_cam.inference.readers import read_card
     from cifar_cam.tasks.export import export
 
     t = json.loads((calibrated / "calibration.json").read_text())["temperature"]

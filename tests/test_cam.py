@@ -11,8 +11,9 @@ from pytorch_grad_cam import GradCAMPlusPlus as ReferenceGradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from cifar_cam import GradCAM, load_model
-from cifar_cam.cam import GradCAMPlusPlus, LayerHooks, hook_count
 from cifar_cam.errors import ConfigError
+from cifar_cam.explain.cam import GradCAMPlusPlus
+from cifar_cam.explain.hooks import LayerHooks, hook_count
 from cifar_cam.models import build_model
 from conftest import cam_test_model
 

@@ -11,9 +11,9 @@ import pytorch_grad_cam as reference
 import torch
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from cifar_cam import choices
-from cifar_cam.cam import METHODS, GradCAM, ScoreCAM, hook_count
-from cifar_cam.cam.gradcam import first_principal_component, normalized_maps
+from cifar_cam.config import choices
+from cifar_cam.explain.cam import METHODS, GradCAM, ScoreCAM, first_principal_component, normalized_maps
+from cifar_cam.explain.hooks import hook_count
 from conftest import cam_test_model
 
 REFERENCES = {"gradcam": reference.GradCAM, "gradcam++": reference.GradCAMPlusPlus, "hirescam": reference.HiResCAM,

@@ -13,7 +13,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 from torch import Tensor, nn
 from torchvision.transforms.functional import gaussian_blur
 
-from cifar_cam.cam.metrics import (
+from cifar_cam.explain.faithfulness import (
     Faithfulness,
     centre_blob_map,
     curve_auc,

@@ -8,8 +8,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cifar_cam.cli import COMMANDS
-from cifar_cam.config import merge_with_checkpoint, validate
+from cifar_cam.cli.commands import COMMANDS
+from cifar_cam.config.merge import merge_with_checkpoint
+from cifar_cam.config.validate import validate
 from cifar_cam.errors import ConfigError
 from cifar_cam.io import config_dir
 
@@ -103,14 +104,15 @@ def test_validate_names_key_and_value(override: str, message: str) -> None:
         validate(cfg, "train")
 
 
-def test_validate_checks_scheduler_span() -> None:
-    from omegaconf import open_dict
+def test_the_scheduler_facts_come_from_one_table_that_build_and_resume_read() -> None:
+    """The span of a schedule (the argument bound to the run's length) is the table's, not a config key's."""
+    from cifar_cam.training.schedulers import SCHEDULERS, facts
 
-    cfg = _compose("train", [])
-    with open_dict(cfg):
-        cfg.scheduler.span = "epochs"
-    with pytest.raises(ConfigError, match=r"scheduler.span must be null or one of \[.*\], got 'epochs'"):
-        validate(cfg, "train")
+    assert facts({"_target_": "torch.optim.lr_scheduler.OneCycleLR"}).span == "total_steps"
+    assert facts({"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR"}).span == "T_max"
+    assert facts({"_target_": "torch.optim.lr_scheduler.ReduceLROnPlateau"}).span is None
+    assert facts({"_target_": None}).span is None and "min_lr" in SCHEDULERS["ReduceLROnPlateau"].resumable
+    assert "span" not in _compose("train", ["scheduler=onecycle"]).scheduler  # no key nothing reads
 
 
 def test_a_checkpoint_older_than_the_newer_keys_still_validates() -> None:
@@ -143,7 +145,7 @@ def test_merge_with_checkpoint_keeps_architecture_but_lets_overrides_win() -> No
 
 def test_eval_inherits_the_runs_eval_settings() -> None:
     """A run trained with eval.tta=true is evaluated with TTA again, so eval reproduces its test accuracy."""
-    from cifar_cam.config import MODEL_SECTIONS
+    from cifar_cam.config.merge import MODEL_SECTIONS
 
     cfg = _compose("eval", ["ckpt=x"])
     stored = OmegaConf.to_container(_compose("train", ["eval.tta=true"]))
@@ -153,9 +155,9 @@ def test_eval_inherits_the_runs_eval_settings() -> None:
 
 def test_every_validated_choice_is_one_the_code_implements() -> None:
     """config.validate checks names against choices.py (torch-free); the code behind each must have the same."""
-    from cifar_cam import choices
-    from cifar_cam.cam.gradcam import METHODS
-    from cifar_cam.models import MODELS
+    from cifar_cam.config import choices
+    from cifar_cam.explain.cam import METHODS
+    from cifar_cam.models.resnet import MODELS
     from cifar_cam.tasks.gradcam import SELECTED
 
     assert set(choices.MODEL_NAMES) == set(MODELS)

@@ -66,7 +66,7 @@ def test_mixed_precision_trains_on_cuda(precision: str, tmp_path: Path) -> None:
 
 
 def test_muon_trains_on_cuda_with_its_newton_schulz_in_bf16(tmp_path: Path) -> None:
-    from cifar_cam.optim import ns_dtype, orthogonalize
+    from cifar_cam.training.optim import ns_dtype, orthogonalize
 
     g = torch.randn(4, 64, 576, device="cuda")
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32

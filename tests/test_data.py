@@ -10,16 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from cifar_cam.data import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    EvalBatches,
-    Normalizer,
-    build_splits,
-    load_folder,
-    make_synthetic,
-    stratified_split,
-)
+from cifar_cam.data.arrays import CIFAR10_MEAN, CIFAR10_STD
+from cifar_cam.data.batches import EvalBatches, Normalizer
+from cifar_cam.data.sources import build_splits, load_folder, make_synthetic, stratified_split
 from cifar_cam.errors import ConfigError, DataError
 
 

@@ -20,12 +20,14 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_cam import distributed
-from cifar_cam.augment import DeviceBatches, EpochSampler, shard
-from cifar_cam.data import CIFAR10_MEAN, CIFAR10_STD, ImageArrays
-from cifar_cam.distributed import World, check_strategy, quiet_overrides
-from cifar_cam.engine import train_one_epoch
+from cifar_cam.data.arrays import CIFAR10_MEAN, CIFAR10_STD, ImageArrays
+from cifar_cam.data.augment import EpochSampler
+from cifar_cam.data.batches import shard
+from cifar_cam.data.device_augment import DeviceBatches
 from cifar_cam.errors import ConfigError, DivergenceError
+from cifar_cam.training import distributed
+from cifar_cam.training.distributed import World, check_strategy, quiet_overrides
+from cifar_cam.training.engine import train_one_epoch
 from conftest import run_cli
 
 # 390 synthetic images - 64 val = 326 to train: not a multiple of 2 ranks x 16, so the shards need padding.
@@ -363,9 +365,9 @@ def _rank_step(variable: str) -> int | None:
 
 def _steer() -> None:
     """Installs the hooks the environment asks for on this rank (see above)."""
-    import cifar_cam.tasks.train as train_task
+    import cifar_cam.training.loop as loop
 
-    real_train_one_epoch = train_task.train_one_epoch
+    real_train_one_epoch = loop.train_one_epoch
     nan_step, sigterm_step = _rank_step("CIFAR_CAM_TEST_NAN"), _rank_step("CIFAR_CAM_TEST_SIGTERM")
     losses = steps = 0
 
@@ -386,11 +388,11 @@ def _steer() -> None:
 
         return real_train_one_epoch(model, batches, optimizer, poisoned, heartbeat=beat, **kwargs)
 
-    train_task.train_one_epoch = steered
+    loop.train_one_epoch = steered
 
 
 if __name__ == "__main__":
-    from cifar_cam.cli import main
+    from cifar_cam.cli.main import main
 
     _steer()
     main()

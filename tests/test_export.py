@@ -12,13 +12,22 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cifar_cam import deploy
-from cifar_cam.checkpoint import load_checkpoint, model_from_checkpoint
-from cifar_cam.data import CIFAR10_MEAN, CIFAR10_STD, Normalizer
+from cifar_cam.data.arrays import CIFAR10_MEAN, CIFAR10_STD
+from cifar_cam.data.batches import Normalizer
 from cifar_cam.errors import CheckpointError, CifarCamError, DataError
-from cifar_cam.export import compare_logits, load_pt2, onnx_session, read_card, read_classifier, run_onnx, run_torch
+from cifar_cam.inference import contract as deploy
+from cifar_cam.inference.readers import (
+    compare_logits,
+    load_pt2,
+    onnx_session,
+    read_card,
+    read_classifier,
+    run_onnx,
+    run_torch,
+)
 from cifar_cam.tasks import export as export_task
 from cifar_cam.tasks.common import load_data
+from cifar_cam.training.checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import compose_cfg
 
 CHECK_IMAGES = 48  # of the tiny run's 64 synthetic test images
@@ -116,7 +125,7 @@ def test_the_batch_is_dynamic(exported: Path, test_set: tuple) -> None:
 
 
 def test_cam_from_onnx_features_and_the_card_equals_gradcam_at_layer4(exported: Path, test_set: tuple) -> None:
-    from cifar_cam.cam import GradCAM
+    from cifar_cam.explain.cam import GradCAM
 
     images, _, model = test_set
     logits, features = run_onnx(onnx_session(exported / "model.onnx"), images[:16])
@@ -130,13 +139,13 @@ def test_cam_from_onnx_features_and_the_card_equals_gradcam_at_layer4(exported: 
 def test_int8_calibration_images_are_training_images(trained_run: Path, tmp_path: Path, test_set: tuple,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     seen = {}
-    real = export_task.ex.quantize_int8
+    real = export_task.writers.quantize_int8
 
     def spy(onnx_path, out_path, calibration_images, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         seen["images"] = np.asarray(calibration_images).copy()
         return real(onnx_path, out_path, calibration_images, *args, **kwargs)
 
-    monkeypatch.setattr(export_task.ex, "quantize_int8", spy)
+    monkeypatch.setattr(export_task.writers, "quantize_int8", spy)
     cfg = compose_cfg("export", [f"ckpt={trained_run}", "export.formats=[onnx]", "export.quantize=int8",
                                  "export.calibration_images=16", "export.check_images=8"], run_dir=tmp_path / "run")
     export_task.export(cfg)
@@ -230,7 +239,7 @@ def test_read_card_refuses_foreign_truncated_and_unknown_files(exported: Path, t
 
 
 def test_export_through_the_cli(trained_run: Path, tmp_path: Path) -> None:
-    from cifar_cam.cli import main
+    from cifar_cam.cli.main import main
 
     out = tmp_path / "run"
     main(["export", f"ckpt={trained_run}", "export.formats=[pt2]", "export.check_images=16", f"hydra.run.dir={out}"])

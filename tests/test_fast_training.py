@@ -9,8 +9,9 @@ import torch
 
 import cifar_cam.tasks.common as common
 import cifar_cam.tasks.train as train_task
-from cifar_cam.augment import ResizedBatches, downscale, epoch_image_size
-from cifar_cam.config import DEFAULT_IMAGE_SIZE, image_size, validate
+import cifar_cam.training.loop as loop
+from cifar_cam.config.validate import DEFAULT_IMAGE_SIZE, image_size, validate
+from cifar_cam.data.batches import ResizedBatches, downscale, epoch_image_size
 from cifar_cam.errors import ConfigError
 from conftest import TINY, compose_cfg
 
@@ -46,7 +47,7 @@ def test_resized_batches_keep_labels_and_length() -> None:
 
 def test_train_feeds_each_epoch_at_its_scheduled_size(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[set[int]] = []
-    real = train_task.train_one_epoch
+    real = loop.train_one_epoch
 
     def spy(model, batches, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         sizes: set[int] = set()
@@ -64,7 +65,7 @@ def test_train_feeds_each_epoch_at_its_scheduled_size(tmp_path: Path, monkeypatc
         seen.append(sizes)
         return result
 
-    monkeypatch.setattr(train_task, "train_one_epoch", spy)
+    monkeypatch.setattr(loop, "train_one_epoch", spy)
     cfg = compose_cfg("train", [*TINY, "trainer.epochs=3", "trainer.progressive_resize=[16,24]",
                                 "aug.backend=torch"], run_dir=tmp_path / "run")
     train_task.train(cfg)

@@ -15,10 +15,12 @@ import pytest
 import torch
 
 import cifar_cam.tasks.train as train_task
-from cifar_cam import checkpoint
-from cifar_cam.augment import build_train_batches
-from cifar_cam.data import ImageArrays
+import cifar_cam.training.loop as loop
+import cifar_cam.training.run as run_module
+from cifar_cam.data.arrays import ImageArrays
+from cifar_cam.data.augment import build_train_batches
 from cifar_cam.tasks.common import setup_runtime
+from cifar_cam.training import checkpoint
 from conftest import TINY, compose_cfg
 
 
@@ -37,15 +39,15 @@ def test_the_suite_runs_on_the_cpu_even_where_cuda_exists() -> None:
 def test_compiled_training_sees_one_shape_per_size_and_times_the_compile_apart(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     # dynamo with its 'eager' backend: the same guards and graph count as inductor, without minutes of C++ builds
-    monkeypatch.setattr(train_task.torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     steps: list[int] = []
-    real = train_task.train_one_epoch
+    real = loop.train_one_epoch
 
     def counting(model, batches, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         steps.append(len(batches))
         return real(model, batches, *args, **kwargs)
 
-    monkeypatch.setattr(train_task, "train_one_epoch", counting)
+    monkeypatch.setattr(loop, "train_one_epoch", counting)
     # 96 training images in batches of 40: two full batches and a partial one of 16; two image sizes; val and
     # test at other batch sizes, in eval mode
     cfg = compose_cfg("train", [*TINY, "data.batch_size=40", "trainer.compile=true",
@@ -66,7 +68,7 @@ def test_the_compile_warm_up_leaves_the_weights_as_they_were(tmp_path: Path, mon
     # 96 images in batches of 32: nothing dropped, so the compiled run must train exactly as the eager one
     plain = compose_cfg("train", [*TINY, "trainer.epochs=1"], run_dir=tmp_path / "plain")
     train_task.train(plain)
-    monkeypatch.setattr(train_task.torch, "compile", functools.partial(torch.compile, backend="eager"))
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     compiled = compose_cfg("train", [*TINY, "trainer.epochs=1", "trainer.compile=true"], run_dir=tmp_path / "compiled")
     train_task.train(compiled)
     a, b = csv_rows(tmp_path / "plain")[0], csv_rows(tmp_path / "compiled")[0]
@@ -126,14 +128,14 @@ def test_checkpoints_and_curves_are_written_every_n_epochs_and_at_the_end(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     writes: list[tuple[str, int]] = []
     plots: list[int] = []
-    real_save = train_task.save_checkpoint
+    real_save = run_module.save_checkpoint
 
     def save(payload: dict[str, Any], path: Path) -> None:
         writes.append((Path(path).stem, payload["epoch"]))
         real_save(payload, path)
 
-    monkeypatch.setattr(train_task, "save_checkpoint", save)
-    monkeypatch.setattr(train_task.viz, "plot_curves", lambda history, path: plots.append(len(history)))
+    monkeypatch.setattr(run_module, "save_checkpoint", save)
+    monkeypatch.setattr(loop.viz, "plot_curves", lambda history, path: plots.append(len(history)))
     cfg = compose_cfg("train", [*TINY, "trainer.epochs=3", "trainer.checkpoint_every=2"], run_dir=tmp_path / "run")
     train_task.train(cfg)
     last = [epoch for name, epoch in writes if name == "last"]
@@ -152,7 +154,7 @@ def test_a_crash_between_writes_redoes_those_epochs_and_compile_may_not_change_t
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from cifar_cam.errors import ConfigError
 
-    real = train_task.train_one_epoch
+    real = loop.train_one_epoch
     calls: list[int] = []
 
     def crash_at(n: int):  # noqa: ANN202
@@ -164,7 +166,7 @@ def test_a_crash_between_writes_redoes_those_epochs_and_compile_may_not_change_t
         return train_one_epoch
 
     run = tmp_path / "run"
-    monkeypatch.setattr(train_task, "train_one_epoch", crash_at(4))  # during epoch 4; last.pt holds epoch 2
+    monkeypatch.setattr(loop, "train_one_epoch", crash_at(4))  # during epoch 4; last.pt holds epoch 2
     with pytest.raises(RuntimeError, match="went down"):
         train_task.train(compose_cfg("train", [*TINY, "data.batch_size=40", "trainer.epochs=4",
                                                "trainer.checkpoint_every=2"], run_dir=run))
@@ -173,7 +175,7 @@ def test_a_crash_between_writes_redoes_those_epochs_and_compile_may_not_change_t
     with pytest.raises(ConfigError, match="makes 2 steps an epoch, but the run being resumed took 3"):
         train_task.train(compose_cfg("train", [f"ckpt={run}", "trainer.compile=true"], run_dir=run))
     calls.clear()
-    monkeypatch.setattr(train_task, "train_one_epoch", crash_at(1))
+    monkeypatch.setattr(loop, "train_one_epoch", crash_at(1))
     with pytest.raises(RuntimeError, match="went down"):
         train_task.train(compose_cfg("train", [f"ckpt={run}"], run_dir=run))
     assert [r["epoch"] for r in csv_rows(run)] == [1, 2]  # epoch 3's row went with the epochs it redoes
@@ -191,14 +193,14 @@ def test_without_a_val_split_best_is_the_last_epoch(tmp_path: Path, monkeypatch:
                                                     caplog: pytest.LogCaptureFixture) -> None:
     # train accuracy that falls in the last epoch: a "best" picked on it would be epoch 2
     accs = iter([0.3, 0.6, 0.2])
-    real = train_task.train_one_epoch
+    real = loop.train_one_epoch
 
     def falling(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         result = real(*args, **kwargs)
         result.totals.correct = round(next(accs) * result.totals.count)
         return result
 
-    monkeypatch.setattr(train_task, "train_one_epoch", falling)
+    monkeypatch.setattr(loop, "train_one_epoch", falling)
     cfg = compose_cfg("train", [*TINY, "data.val_size=0", "trainer.epochs=3"], run_dir=tmp_path / "run")
     with caplog.at_level(logging.INFO, logger="cifar_cam"):
         train_task.train(cfg)

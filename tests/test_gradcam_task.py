@@ -11,10 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
-from cifar_cam.checkpoint import load_checkpoint
-from cifar_cam.data import build_splits
+from cifar_cam.data.sources import build_splits
 from cifar_cam.errors import ConfigError
 from cifar_cam.tasks.gradcam import gradcam
+from cifar_cam.training.checkpoint import load_checkpoint
 from cifar_cam.viz import SINGLE_CAM_PX, SINGLE_CAM_SIZE, CamGridLayout
 from conftest import compose_cfg, run_cli
 

@@ -6,8 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from cifar_cam.cli import main
-from cifar_cam.helptext import (
+from cifar_cam.cli.helptext import (
     HELP_KEYS,
     describe,
     descriptions,
@@ -17,8 +16,9 @@ from cifar_cam.helptext import (
     parse_descriptions,
     shown_keys,
 )
+from cifar_cam.cli.main import main
+from cifar_cam.config.recipe import choices_of
 from cifar_cam.io import config_dir
-from cifar_cam.recipe import choices_of
 
 GROUPS = ("data", "model", "aug", "optimizer", "scheduler", "trainer")
 

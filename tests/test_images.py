@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from cifar_cam import data, images
+from cifar_cam.data import decode as images
+from cifar_cam.data import sources as data
+from cifar_cam.data.decode import IMAGE_SUFFIXES, decode_rgb, header_size
 from cifar_cam.errors import DataError
-from cifar_cam.images import IMAGE_SUFFIXES, decode_rgb, header_size
 from conftest import SHARED_ARCHIVE
 
 
@@ -91,7 +92,7 @@ def test_data_uses_the_shared_decoder_and_suffixes() -> None:
 
 
 def test_importing_images_loads_neither_torch_nor_cv2() -> None:
-    code = "import sys, cifar_cam.images; print(sorted({'torch', 'cv2', 'PIL'} & set(sys.modules)))"
+    code = "import sys, cifar_cam.data.decode; print(sorted({'torch', 'cv2', 'PIL'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -282,7 +283,7 @@ def test_decoding_a_folder_file(tmp_path: Path) -> None:
 
 def test_the_data_cache_keys_on_the_decoder_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Cached arrays of an older decoder (other pixels for transparent or 16-bit images) are not reused."""
-    import cifar_cam.data as data
+    import cifar_cam.data.sources as data
 
     root = tmp_path / "tree"
     for split in ("train", "test"):

@@ -50,7 +50,7 @@ def test_a_png_that_fails_mid_savefig_keeps_the_old_one(tmp_path: Path, monkeypa
 
 
 def test_a_checkpoint_temp_file_is_what_the_stale_cleanup_finds(tmp_path: Path) -> None:
-    from cifar_cam.checkpoint import remove_stale_temp_files
+    from cifar_cam.training.checkpoint import remove_stale_temp_files
 
     with atomic_path(tmp_path / "last.pt") as tmp:
         assert tmp.parent == tmp_path and tmp.match(".*.pt.*.tmp")  # a kill here leaves it for the next run

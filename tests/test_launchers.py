@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from cifar_cam.cli import failed_jobs_in_logs
+from cifar_cam.cli.main import failed_jobs_in_logs
 from cifar_cam.io import config_dir
 from cifar_cam.tasks.common import resolve_num_threads
 from conftest import TINY, run_cli

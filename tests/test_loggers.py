@@ -16,10 +16,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cifar_cam.config import merge_with_checkpoint, validate
+from cifar_cam.config.merge import merge_with_checkpoint
+from cifar_cam.config.validate import validate
 from cifar_cam.errors import ConfigError
 from cifar_cam.io import config_dir
-from cifar_cam.loggers import STEP_LOSS, Trackers, local_mlflow_uri
+from cifar_cam.training.tracker_backends import STEP_LOSS, local_mlflow_uri
+from cifar_cam.training.trackers import Trackers
 
 STEPS = 4  # optimizer steps per simulated epoch
 TB = {"hparams": True, "images": True}
@@ -92,7 +94,7 @@ def assert_once(scalars: dict[str, list[tuple[int, float]]], epochs: int) -> Non
 @pytest.fixture(scope="session")
 def mlflow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty MLflow sqlite store, made once (MLflow creates its tables in seconds): copied into run dirs."""
-    from cifar_cam.loggers import _import_mlflow, _quiet_mlflow
+    from cifar_cam.training.tracker_backends import _import_mlflow, _quiet_mlflow
 
     path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
     with _quiet_mlflow():
@@ -247,7 +249,7 @@ def test_images_hparams_and_params_read_back(tmp_path: Path, mlflow_db: Path, ca
                                             ) -> None:
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-    caplog.set_level(logging.INFO, logger="cifar_cam.loggers")
+    caplog.set_level(logging.INFO, logger="cifar_cam.trackers")
     run_dir = run_dir_for(tmp_path, "file", mlflow_db)
     png = tmp_path / "confusion_matrix.png"
     png.write_bytes(tiny_png())
@@ -334,7 +336,7 @@ def test_without_mlflow_logger_mlflow_says_how_to_install_it(monkeypatch: pytest
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     import importlib.util
 
-    from cifar_cam.cli import main
+    from cifar_cam.cli.main import main
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
@@ -352,11 +354,11 @@ def test_without_mlflow_logger_mlflow_says_how_to_install_it(monkeypatch: pytest
 def resumed_config(stored: Any, choices: dict[str, str], typed: list[str],
                    monkeypatch: pytest.MonkeyPatch) -> Any:
     """The config `cifar-cam train ckpt=RUN <typed>` runs with, for a checkpoint holding `stored` and `choices`."""
-    import cifar_cam.checkpoint_config
-    from cifar_cam.cli import inherit_choices
+    import cifar_cam.training.checkpoint
+    from cifar_cam.cli.precheck import inherit_choices
 
     payload = {"config": OmegaConf.to_container(stored), "choices": choices}
-    monkeypatch.setattr(cifar_cam.checkpoint_config, "cached_checkpoint", lambda *a: payload)
+    monkeypatch.setattr(cifar_cam.training.checkpoint, "cached_checkpoint", lambda *a: payload)
     overrides = inherit_choices("train", ["ckpt=RUN", *typed])
     cfg = compose_train(overrides)
     return merge_with_checkpoint(cfg, payload["config"], overrides, None, choices)
@@ -365,7 +367,7 @@ def resumed_config(stored: Any, choices: dict[str, str], typed: list[str],
 def test_a_list_of_trackers_round_trips_through_the_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from cifar_cam.recipe import choices_of, overrides_for
+    from cifar_cam.config.recipe import choices_of, overrides_for
 
     typed = ["logger=[tensorboard,csv]", "logger.tensorboard.images=false", "data=synthetic"]
     cfg = compose_train(typed)

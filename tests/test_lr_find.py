@@ -23,11 +23,12 @@ from hydra.core.global_hydra import GlobalHydra
 from torch_lr_finder import LRFinder
 
 import cifar_cam.tasks.lr_find as lr_find_module
-from cifar_cam.augment import build_train_batches
-from cifar_cam.checkpoint import load_checkpoint
-from cifar_cam.data import build_splits
+from cifar_cam.data.augment import build_train_batches
+from cifar_cam.data.sources import build_splits
 from cifar_cam.models import build_model
-from cifar_cam.tasks.lr_find import MIN_POINTS, lr_find, run_range_test, steepest_gradient_lr, train_command
+from cifar_cam.tasks.lr_find import lr_find
+from cifar_cam.training.checkpoint import load_checkpoint
+from cifar_cam.training.lr_finder import MIN_POINTS, run_range_test, steepest_gradient_lr, train_command
 from conftest import TINY, compose_cfg, run_cli
 
 CPU = torch.device("cpu")
@@ -161,7 +162,7 @@ def test_a_checkpoint_gives_its_recipe_on_fresh_weights(trained_run: Path, tmp_p
 
 
 def test_a_checkpoint_gives_its_recipe_but_not_its_machine(trained_run: Path, tmp_path: Path) -> None:
-    from cifar_cam.checkpoint_config import load_with_config
+    from cifar_cam.training.checkpoint import load_with_config
 
     payload = torch.load(trained_run / "checkpoints" / "best.pt", weights_only=True)
     payload["config"]["trainer"].update(strategy="ddp", device="cuda:1", num_threads=16, label_smoothing=0.1)
@@ -174,7 +175,7 @@ def test_a_checkpoint_gives_its_recipe_but_not_its_machine(trained_run: Path, tm
 
 def test_printed_command_from_a_checkpoint_trains_what_was_measured(trained_run: Path, tmp_path: Path) -> None:
     """lr-find ckpt=RUN prints a train command that runs as printed, with the run's data, model and recipe."""
-    from cifar_cam.cli import main
+    from cifar_cam.cli.main import main
 
     main(["lr-find", f"ckpt={trained_run}", "lr_find.num_iter=18", "lr_find.end_lr=1", "optimizer=adam",
           f"hydra.run.dir={tmp_path / 'lrf'}"])

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_cam import optim
-from cifar_cam.engine import resolve_precision
 from cifar_cam.models import build_model
-from cifar_cam.optim import Muon, is_filter, ns_dtype, orthogonalize
+from cifar_cam.training import optim
+from cifar_cam.training.device import resolve_precision
+from cifar_cam.training.optim import Muon, is_filter, ns_dtype, orthogonalize
 from conftest import TINY, only_run_dir, run_cli
 
 

@@ -10,16 +10,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from cifar_cam.augment import build_train_batches
-from cifar_cam.data import make_synthetic
-from cifar_cam.engine import (
-    autocast,
-    input_memory_format,
-    predict,
-    resolve_precision,
-    train_one_epoch,
-)
+from cifar_cam.data.augment import build_train_batches
+from cifar_cam.data.sources import make_synthetic
 from cifar_cam.models import build_model
+from cifar_cam.training.device import autocast, input_memory_format, resolve_precision
+from cifar_cam.training.engine import collect_logits, train_one_epoch
 from conftest import TINY, compose_cfg
 
 CPU = torch.device("cpu")
@@ -63,11 +58,11 @@ class Recorder:
 
 
 def test_resolve_precision(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cifar_cam import engine
+    from cifar_cam.training import device
 
-    monkeypatch.setattr(engine, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(device, "cpu_has_amx", lambda: False)
     assert resolve_precision("auto", CPU) is None  # fp32 on CPUs without AMX: bf16 is slower there
-    monkeypatch.setattr(engine, "cpu_has_amx", lambda: True)
+    monkeypatch.setattr(device, "cpu_has_amx", lambda: True)
     assert resolve_precision("auto", CPU) is torch.bfloat16  # AMX: bf16 trains 1.6-1.8x faster than fp32
     assert resolve_precision("fp32", CPU) is None
     assert resolve_precision("bf16", CPU) is torch.bfloat16
@@ -82,7 +77,7 @@ def test_resolve_precision(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_cpu_has_amx_reads_torch_and_survives_its_absence(monkeypatch: pytest.MonkeyPatch) -> None:
-    from cifar_cam.engine import cpu_has_amx
+    from cifar_cam.training.device import cpu_has_amx
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
     assert cpu_has_amx() is True
@@ -140,8 +135,8 @@ def test_fp16_autocast_with_grad_scaler_on_cpu() -> None:
 def test_predict_in_bf16_with_tta_returns_float32_logits() -> None:
     model, batches, _ = setup()
     batches.set_epoch(0)
-    fp32 = predict(model, batches, device=CPU)
-    bf16 = predict(model, batches, device=CPU, amp_dtype=torch.bfloat16, tta=True)
+    fp32 = collect_logits(model, batches, device=CPU)
+    bf16 = collect_logits(model, batches, device=CPU, amp_dtype=torch.bfloat16, tta=True)
     assert bf16.logits.dtype == torch.float32 and bf16.logits.shape == fp32.logits.shape == (96, 10)
     assert torch.equal(bf16.labels, fp32.labels)
     assert (bf16.logits - fp32.logits).abs().max() < 0.5  # bf16 and mirror TTA: close, not equal
@@ -156,7 +151,7 @@ def test_batches_follow_the_models_memory_format(channels_last: bool) -> None:
     rec = Recorder(model)
     batches.set_epoch(0)
     train_one_epoch(model, batches, optimizer, nn.CrossEntropyLoss(), device=CPU)
-    predict(model, batches, device=CPU)
+    collect_logits(model, batches, device=CPU)
     assert rec.input_channels_last == [channels_last] * 4
 
 
@@ -209,7 +204,7 @@ def test_compiled_training_with_inductor(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("preset", ["fast", "cpu_quick"])
 def test_speed_presets_compose_validate_and_use_whole_batches(preset: str) -> None:
-    from cifar_cam.config import validate
+    from cifar_cam.config.validate import validate
 
     cfg = compose_cfg("train", [f"experiment={preset}", "data=folder", "data.root=/nowhere.tar.gz"])
     validate(cfg, "train")
@@ -226,6 +221,6 @@ def test_speed_presets_compose_validate_and_use_whole_batches(preset: str) -> No
     # the underfitting 0.7M-parameter model: no Cutout, crops shifted by 2 px at most (+0.7 points measured)
     assert (cfg.aug.pad, cfg.aug.cutout_p) == {"fast": (4, 1.0), "cpu_quick": (2, 0.0)}[preset]
     # Muon on the CPU preset's filters: +1.22 points over SGD on the same 14 epochs (docs/benchmarks.md)
-    assert cfg.optimizer._target_ == {"fast": "torch.optim.SGD", "cpu_quick": "cifar_cam.optim.Muon"}[preset]
+    assert cfg.optimizer._target_ == {"fast": "torch.optim.SGD", "cpu_quick": "cifar_cam.training.optim.Muon"}[preset]
     sizes = list(cfg.trainer.progressive_resize or [])  # shrunk early epochs; the last ones at the test's 32 px
     assert len(sizes) <= cfg.trainer.epochs - 2 and all(s < 32 for s in sizes) and sizes == sorted(sizes)

@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from cifar_cam import Predictor, load_model
-from cifar_cam.cam import GradCAM
-from cifar_cam.cli import main
-from cifar_cam.data import Normalizer, build_splits
+from cifar_cam.cli.main import main
+from cifar_cam.data.batches import Normalizer
+from cifar_cam.data.sources import build_splits
 from cifar_cam.errors import CheckpointError, ConfigError, DataError
-from cifar_cam.inputs import find_inputs
-from cifar_cam.tasks.predict import SomeInputsFailed, predict
+from cifar_cam.explain.cam import GradCAM
+from cifar_cam.inference.inputs import find_inputs
+from cifar_cam.tasks.predict import SomeInputsFailed, predict_images
 from conftest import compose_cfg
 
 
@@ -79,7 +80,7 @@ def test_predict_command_writes_csv_json_and_accuracy(trained_run: Path, test_im
     (root / "notes.txt").write_text("not an image")  # skipped: not an image suffix
     cfg = compose_cfg("predict", [f"ckpt={trained_run}", f"inputs={root}", "predict.batch_size=10"],
                       run_dir=tmp_path / "run")
-    accuracy = predict(cfg)
+    accuracy = predict_images(cfg)
     out = tmp_path / "run"
     with (out / "predictions.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -103,7 +104,7 @@ def test_an_unreadable_image_is_named_and_the_rest_predicted(trained_run: Path, 
     (root / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     cfg = compose_cfg("predict", [f"ckpt={trained_run}", f"inputs={root}"], run_dir=tmp_path / "run")
     with pytest.raises(SomeInputsFailed, match=r"1 of 6 inputs could not be read \(first: .*broken.jpg") as e:
-        predict(cfg)
+        predict_images(cfg)
     assert e.value.exit_code == 1
     with (tmp_path / "run" / "predictions.csv").open() as f:
         rows = {Path(r["path"]).name: r for r in csv.DictReader(f)}
@@ -116,7 +117,7 @@ def test_cam_overlays_and_contact_sheet(trained_run: Path, test_images: tuple, t
     root = _folder(tmp_path / "imgs", images, labels, classes, 6)
     cfg = compose_cfg("predict", [f"ckpt={trained_run}", f"inputs={root}", "predict.cam=true",
                                   "predict.contact_sheet=4", "predict.layer=layer3"], run_dir=tmp_path / "run")
-    predict(cfg)
+    predict_images(cfg)
     out = tmp_path / "run"
     assert len(list((out / "cam").glob("*.png"))) == 6
     assert cv2.imread(str(out / "contact_sheet.png")) is not None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar_cam.cli import main
+from cifar_cam.cli.main import main
 from conftest import SHARED_ARCHIVE
 
 pytestmark = [pytest.mark.slow,

@@ -82,7 +82,7 @@ def test_training_piped_writes_progress_lines(tmp_path: Path, caplog: pytest.Log
 
 
 def test_progress_every_is_validated(tmp_path: Path) -> None:
-    from cifar_cam.config import validate
+    from cifar_cam.config.validate import validate
     from cifar_cam.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"trainer.progress_every must be null \(off\) or seconds > 0"):
@@ -94,11 +94,11 @@ def test_a_val_split_that_dominates_the_epoch_is_said(train_images: int, val_ima
                                                       caplog: pytest.LogCaptureFixture) -> None:
     from types import SimpleNamespace
 
-    from cifar_cam.tasks.train import note_validation_cost
+    from cifar_cam.training.run import note_validation_cost
 
     splits = SimpleNamespace(train=[0] * train_images, val=[0] * val_images if val_images else None)
     with caplog.at_level(logging.INFO, logger="cifar_cam"):
-        note_validation_cost(compose_cfg("train", TINY), splits)
+        note_validation_cost(splits)  # type: ignore[arg-type]
     lines = [r.getMessage() for r in caplog.records if "data.val_size=" in r.getMessage()]
     assert len(lines) == said
     if said:

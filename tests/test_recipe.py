@@ -7,8 +7,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from cifar_cam.config.recipe import hydra_value, overrides_for
 from cifar_cam.io import config_dir
-from cifar_cam.recipe import hydra_value, overrides_for
 
 VALUES = ["outputs/train/2026-12-02_13-22-22", "my runs/x", "it's", "a,b", "/tmp/x=1", "~/data", "true", "1e-3",
           "null", "[x]", "back\\slash'", 0.05, 1e-06, 3, True, None, [16, 24], ["layer3", "layer4"], "auto"]
@@ -34,7 +34,7 @@ def test_overrides_compose_back_to_the_config() -> None:
 
 def test_a_derived_key_follows_the_new_lr() -> None:
     """OneCycle's max_lr is ${optimizer.lr}: the printed command must not freeze it at the run's old lr."""
-    from cifar_cam.tasks.lr_find import NOT_FOR_TRAINING
+    from cifar_cam.training.lr_finder import NOT_FOR_TRAINING
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("lr_find", overrides=["scheduler=onecycle", "optimizer.lr=0.1"])

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from cifar_cam.augment import MixedBatches, cutmix_box, mix_batch, mix_rng
-from cifar_cam.ema import WeightEma
-from cifar_cam.engine import backward_and_step, hit_rate, train_one_epoch
+from cifar_cam.data.mix import MixedBatches, cutmix_box, mix_batch, mix_rng
 from cifar_cam.errors import ConfigError
+from cifar_cam.training.ema import WeightEma
+from cifar_cam.training.engine import backward_and_step, hit_rate, train_one_epoch
 from conftest import TINY, compose_cfg
 
 MIX = {"mix": "both", "mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mix_p": 1.0}
@@ -167,7 +167,7 @@ def test_grad_clip_under_a_grad_scaler_clips_the_unscaled_gradients() -> None:
     ("aug.mix_p=2", "aug.mix_p must be a probability in [0, 1]"),
 ])
 def test_bad_values_are_refused_by_name(override: str, message: str) -> None:
-    from cifar_cam.config import validate
+    from cifar_cam.config.validate import validate
 
     cfg = compose_cfg("train", [*TINY, override])
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
@@ -192,10 +192,10 @@ def test_a_run_with_ema_saves_the_average_as_model_and_the_trained_weights_as_mo
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 0 <= summary["test_acc"] <= 1
     # validation used the EMA: evaluating `model` reproduces the recorded val accuracy of the last epoch
-    from cifar_cam.checkpoint import model_from_checkpoint
-    from cifar_cam.data import EvalBatches
-    from cifar_cam.engine import evaluate
+    from cifar_cam.data.batches import EvalBatches
     from cifar_cam.tasks.common import load_data
+    from cifar_cam.training.checkpoint import model_from_checkpoint
+    from cifar_cam.training.engine import evaluate
 
     splits = load_data(cfg)
     model = model_from_checkpoint(last)

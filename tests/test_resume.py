@@ -279,7 +279,7 @@ def tracked_losses(run: Path) -> dict[str, list[tuple[int, float]]]:
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from cifar_cam.loggers import STEP_LOSS, local_mlflow_uri
+    from cifar_cam.training.tracker_backends import STEP_LOSS, local_mlflow_uri
 
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()

@@ -26,8 +26,10 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from cifar_cam.predictor import Predictor  # noqa: E402
-from cifar_cam.serve.app import Settings, create_app, running  # noqa: E402
+from cifar_cam.inference.predictor import Predictor
+from cifar_cam.serve.app import create_app
+from cifar_cam.serve.server import running
+from cifar_cam.serve.settings import Settings
 from conftest import MAX_BATCH_IMAGES, MAX_UPLOAD_MB, Served  # noqa: E402  (the shared server)
 
 

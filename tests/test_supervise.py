@@ -11,12 +11,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cifar_cam.checkpoint_config import apply_resume_changes, resume_changes
-from cifar_cam.engine import training_memory_format, unsafe_channels_last
 from cifar_cam.errors import ConfigError
 from cifar_cam.models import build_model
-from cifar_cam.supervise import resolve_stall_timeout
-from cifar_cam.tasks.train import build_scheduler
+from cifar_cam.training.device import training_memory_format, unsafe_channels_last
+from cifar_cam.training.resume import apply_resume_changes, resume_changes
+from cifar_cam.training.schedulers import build_scheduler
+from cifar_cam.training.supervise import resolve_stall_timeout
 from conftest import TINY, compose_cfg
 
 CPU = torch.device("cpu")
@@ -117,8 +117,8 @@ def test_changed_hyperparameter_that_cannot_apply_is_refused(run: list[str], cha
 
 def test_resume_with_a_new_momentum_trains_with_it_and_reads_last_pt_once(
         trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import cifar_cam.checkpoint as checkpoint
-    from cifar_cam.cli import main
+    import cifar_cam.training.checkpoint as checkpoint
+    from cifar_cam.cli.main import main
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -143,7 +143,7 @@ def test_resume_with_a_new_momentum_trains_with_it_and_reads_last_pt_once(
     ("trainer.stop_grace=0", "trainer.stop_grace must be seconds > 0, got 0"),
 ])
 def test_bad_stall_timeout_and_stop_grace_are_refused(override: str, message: str) -> None:
-    from cifar_cam.config import validate
+    from cifar_cam.config.validate import validate
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         validate(compose_cfg("train", [*TINY, override]), "train")

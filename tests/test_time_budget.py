@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from cifar_cam import budget
-from cifar_cam.budget import Plan, RunFacts
-from cifar_cam.config import validate
+from cifar_cam.config.validate import validate
 from cifar_cam.errors import ConfigError
+from cifar_cam.training.budget import planner as budget
+from cifar_cam.training.budget.planner import Plan, RunFacts
 from conftest import compose_cfg
 from test_resume import ENV, WAIT, start_hooked, wait_for
 
@@ -48,6 +48,12 @@ def test_a_budgeted_run_ends_within_its_budget_and_its_plan_replays_to_the_same_
     assert plan.epochs >= 2 and plan.sizes[-1] == 32 and plan.sizes == sorted(plan.sizes)
     assert plan.total_steps == plan.epochs * 13 and plan.revisions[-1][1] == plan.total_steps
     assert float(rows(run)[-1]["lr"]) < 1e-4  # the schedule reached its floor at the planned end
+    # the plan is the run's state, not an edit of its config: the checkpoint keeps the config as composed
+    from cifar_cam.training.checkpoint import load_checkpoint
+
+    last = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert last["config"]["trainer"]["epochs"] == 4 and last["config"]["trainer"]["progressive_resize"] == [16, 24]
+    assert last["plan"] == plan.to_dict()
 
     replay = tmp_path / "replay"
     train(compose_cfg("train", [*BUDGETED, f"trainer.plan={run / 'plan.json'}"], run_dir=replay))
@@ -59,18 +65,23 @@ def test_a_budgeted_run_ends_within_its_budget_and_its_plan_replays_to_the_same_
 def test_more_budget_plans_more_epochs_on_the_same_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import time
 
-    from cifar_cam.supervise import Supervisor
-    from cifar_cam.tasks import train_budget
-    from cifar_cam.tasks.train import build_run
+    import torch
 
-    monkeypatch.setattr(train_budget, "probe", lambda run, sizes, sup: (  # a stub machine: 0.1 s a 32-px step
+    from cifar_cam.tasks.common import load_data
+    from cifar_cam.training import distributed
+    from cifar_cam.training.budget import probe
+    from cifar_cam.training.run import RunState, build_run
+    from cifar_cam.training.supervise import Supervisor
+
+    monkeypatch.setattr(probe, "probe", lambda run, state, sizes, sup: (  # a stub machine: 0.1 s a 32-px step
         {s: 0.1 * (s / 32) ** 2 for s in sizes}, budget.Overhead(0.1, 1.0)))
     plans = []
     for seconds in (60, 120):
         cfg = compose_cfg("train", [*BUDGETED, f"trainer.time_budget={seconds}s"], run_dir=tmp_path / str(seconds))
         with Supervisor("train", stall_timeout=None, stop_grace=30) as sup:
-            run = build_run(cfg, tmp_path / str(seconds), None, sup)
-            plans.append(train_budget.make_plan(run, sup, time.monotonic()))
+            run = build_run(cfg, tmp_path / str(seconds), load_data(cfg), torch.device("cpu"), distributed.World(),
+                            None, sup, started=time.monotonic(), plan_mode="budget")
+            plans.append(probe.make_plan(run, RunState(), sup))
     assert plans[1].epochs > plans[0].epochs >= 2
     assert plans[0].predicted_seconds <= 60 - budget.reserve_seconds(60)
 
@@ -97,11 +108,13 @@ def test_a_plan_for_another_run_is_refused(tmp_path: Path) -> None:
     facts = RunFacts(train_images=400, batch_size=64, steps_per_epoch=7, model="resnet18", width=8, image_size=32)
     plan = Plan.create(facts, 60.0, 1.0, {16: 0.01, 24: 0.02, 32: 0.03}, [(16, 1), (24, 1), (32, 2)])
     plan.save(tmp_path / "plan.json")
+    from cifar_cam.cli.precheck import check_plan_file
+
     with pytest.raises(ConfigError, match=r"was made for data.batch_size=64, this run has data.batch_size=32"):
-        validate(compose_cfg("train", [*BUDGETED, f"trainer.plan={tmp_path / 'plan.json'}"]), "train")
+        check_plan_file(compose_cfg("train", [*BUDGETED, f"trainer.plan={tmp_path / 'plan.json'}"]))
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="bad.json"):
-        validate(compose_cfg("train", [*BUDGETED, f"trainer.plan={tmp_path / 'bad.json'}"]), "train")
+        check_plan_file(compose_cfg("train", [*BUDGETED, f"trainer.plan={tmp_path / 'bad.json'}"]))
 
 
 def test_a_resumed_budgeted_run_continues_its_plan_exactly(tmp_path: Path) -> None:
@@ -129,11 +142,12 @@ def test_a_planned_runs_epochs_and_sizes_are_not_tracked_as_params() -> None:
     """Re-plans change them as the run goes: as params MLflow would report them as changed by the user."""
     from types import SimpleNamespace
 
-    from cifar_cam.tasks.train import tracked_params
+    from cifar_cam.training.loop import tracked_params
 
     cfg = compose_cfg("train", [*BUDGETED, "trainer.time_budget=60s"])
-    planned = tracked_params(SimpleNamespace(cfg=cfg, plan=object()))  # type: ignore[arg-type]
+    run = SimpleNamespace(cfg=cfg)
+    planned = tracked_params(run, SimpleNamespace(plan=object()))  # type: ignore[arg-type]
     assert "epochs" not in planned["trainer"] and "progressive_resize" not in planned["trainer"]
     assert planned["trainer"]["time_budget"] == "60s"
-    unplanned = tracked_params(SimpleNamespace(cfg=cfg, plan=None))  # type: ignore[arg-type]
+    unplanned = tracked_params(run, SimpleNamespace(plan=None))  # type: ignore[arg-type]
     assert unplanned["trainer"]["epochs"] == 4

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cifar_cam.engine import precision_name, resolve_precision
+from cifar_cam.training.device import precision_name, resolve_precision
 from conftest import SHARED_ARCHIVE, TINY, only_run_dir, run_cli
 
 SUMMARY_KEYS = {"best_epoch", "best_val_acc", "test_acc", "test_loss", "epochs_run", "stopped_early",

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-import cifar_cam.tasks.train as train_task
-from cifar_cam.cli import main
+import cifar_cam.training.loop as loop
+from cifar_cam.cli.main import main
 
 
 def _park(marker: Path) -> None:
@@ -54,7 +54,7 @@ def hang_on_save(n: int, marker: Path) -> None:
 
 def hold_after_step(n: int, marker: Path) -> None:
     """After the nth training step, the stop check waits until SIGINT/SIGTERM has been received."""
-    real_train_one_epoch = train_task.train_one_epoch
+    real_train_one_epoch = loop.train_one_epoch
     steps = 0
 
     def train_one_epoch(*args: Any, should_stop: Any, **kwargs: Any) -> Any:
@@ -69,12 +69,12 @@ def hold_after_step(n: int, marker: Path) -> None:
 
         return real_train_one_epoch(*args, should_stop=held_should_stop, **kwargs)
 
-    train_task.train_one_epoch = train_one_epoch
+    loop.train_one_epoch = train_one_epoch
 
 
 def block_at_step(n: int, marker: Path) -> None:
     """The nth training step never returns: it waits on a mutex it already holds, inside libc."""
-    real_train_one_epoch = train_task.train_one_epoch
+    real_train_one_epoch = loop.train_one_epoch
     steps = 0
     libc = ctypes.CDLL(None)  # CDLL calls release the GIL, as torch's kernels do
     mutex = ctypes.create_string_buffer(64)  # zeroed: PTHREAD_MUTEX_INITIALIZER on glibc
@@ -91,7 +91,7 @@ def block_at_step(n: int, marker: Path) -> None:
 
         return real_train_one_epoch(*args, heartbeat=blocking_heartbeat, **kwargs)
 
-    train_task.train_one_epoch = train_one_epoch
+    loop.train_one_epoch = train_one_epoch
 
 
 if __name__ == "__main__":

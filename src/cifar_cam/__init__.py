@@ -1,4 +1,8 @@
-"""cifar-cam: a config-driven experiment runner for CIFAR-10 (ResNet18, Grad-CAM, LR finder)."""
+"""cifar-cam: train, explain and use small-image classifiers, config-driven (Hydra).
+
+The layout, top to bottom (a package imports only those below it): cli -> tasks -> serve -> inference ->
+training, explain -> data, models -> config -> the leaves (errors, io, logs, provenance, viz).
+"""
 
 from __future__ import annotations
 
@@ -12,15 +16,15 @@ def __getattr__(name: str) -> Any:
     """`from cifar_cam import GradCAM, load_model` imports torch only then, so the CLI starts light
     (and a Ctrl-C while torch loads reaches the CLI's handler instead of printing a traceback)."""
     if name == "GradCAM":
-        from cifar_cam.cam import GradCAM
+        from cifar_cam.explain.cam import GradCAM
 
         return GradCAM
     if name == "Predictor":
-        from cifar_cam.predictor import Predictor
+        from cifar_cam.inference.predictor import Predictor
 
         return Predictor
     if name == "load_model":
-        from cifar_cam.checkpoint import load_model
+        from cifar_cam.training.checkpoint import load_model
 
         return load_model
     raise AttributeError(f"module 'cifar_cam' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Logging that cooperates with rich progress bars."""
+"""What the user reads on screen: the one rich console, log lines above live progress bars, and how numbers
+and durations are shown."""
 
 from __future__ import annotations
 
@@ -55,6 +56,11 @@ class ConsoleHandler(logging.Handler):
             _on_broken_pipe()
         except Exception:  # logging must never take the run down
             self.handleError(record)
+
+
+def percent(x: float | None) -> str:
+    """A fraction as a percentage for the screen: 0.9071 -> '90.71%' (None: '-')."""
+    return "-" if x is None else f"{100 * x:.2f}%"
 
 
 def duration(seconds: float) -> str:

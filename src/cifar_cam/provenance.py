@@ -49,7 +49,8 @@ def git_state() -> dict[str, Any] | None:
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
-def _version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
+    """The installed version of a distribution ('cifar-cam', 'torch'), None if it is not installed."""
     try:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
@@ -83,7 +84,7 @@ def entry(command: str, argv: list[str]) -> dict[str, Any]:
     return {
         "command": command, "argv": argv, "time": datetime.now().astimezone().isoformat(timespec="seconds"),
         "pid": os.getpid(), "python": platform.python_version(),
-        "versions": {name: _version(name) for name in PACKAGES}, "git": git_state(), "hardware": hardware(),
+        "versions": {name: package_version(name) for name in PACKAGES}, "git": git_state(), "hardware": hardware(),
     }
 
 

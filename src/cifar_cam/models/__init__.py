@@ -1,4 +1,4 @@
-"""Models, built by name."""
+"""The networks, built by name (`build_model`). Imports config and the leaves."""
 
 from cifar_cam.models.resnet import MODELS, ResNet, build_model, resnet18
 

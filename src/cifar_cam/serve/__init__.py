@@ -1,5 +1,2 @@
-"""`cifar-cam serve`: the HTTP API (FastAPI) over a `Predictor`; see `cifar_cam.serve.app`."""
-
-from cifar_cam.serve.app import Settings, create_app
-
-__all__ = ["Settings", "create_app"]
+"""`cifar-cam serve`: the HTTP API (FastAPI) and page over a Predictor: app, routes, batching, uploads, gallery,
+server. Imports inference and everything below it."""

@@ -1,4 +1,5 @@
-"""What every command shares: the run dir, seeding, device, data, model and JSON output."""
+"""What the commands share: the run dir and what Hydra knows of this run (overrides, group choices), seeding,
+threads and the device, the data, a checkpoint's model and config, the test set's logits."""
 
 from __future__ import annotations
 
@@ -13,12 +14,17 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from cifar_cam.checkpoint_config import load_with_config
-from cifar_cam.config import image_size
-from cifar_cam.data import DataSplits, EvalBatches, build_splits
-from cifar_cam.engine import Predictions, predict, resolve_device, resolve_precision, training_memory_format
+from cifar_cam.config.recipe import choices_of
+from cifar_cam.config.validate import image_size
+from cifar_cam.data.arrays import DataSplits
+from cifar_cam.data.batches import EvalBatches
+from cifar_cam.data.sources import build_splits
 from cifar_cam.errors import CheckpointError
 from cifar_cam.io import cores, write_json  # noqa: F401  (write_json: the tasks' one writer)
+from cifar_cam.training import distributed
+from cifar_cam.training.checkpoint import load_with_config, model_from_checkpoint
+from cifar_cam.training.device import resolve_device, resolve_precision
+from cifar_cam.training.engine import SplitLogits, collect_logits
 
 log = logging.getLogger("cifar_cam")
 
@@ -35,8 +41,6 @@ def cli_overrides() -> list[str]:
 
 def group_choices() -> dict[str, str]:
     """The config-group choices of this run (data=..., model=..., ...), without Hydra's own."""
-    from cifar_cam.recipe import choices_of
-
     return choices_of(HydraConfig.get().runtime.choices)
 
 
@@ -49,9 +53,7 @@ def seed_everything(seed: int) -> None:
 
 def processes_sharing_cores() -> int:
     """How many processes of this run share the machine's cores: joblib sweep jobs, or torchrun ranks on a node."""
-    from cifar_cam.distributed import world
-
-    ranks = world().local_size  # torchrun's LOCAL_WORLD_SIZE, or a multi-task submitit job's tasks per node
+    ranks = distributed.world().local_size  # torchrun's LOCAL_WORLD_SIZE, or a multi-task submitit job's tasks per node
     launcher = HydraConfig.get().launcher if HydraConfig.initialized() else {}
     if str(launcher.get("_target_", "")).endswith("JoblibLauncher"):
         jobs = int(launcher.get("n_jobs") or 1)
@@ -111,43 +113,18 @@ def checkpoint_and_config(cfg: DictConfig, command: str) -> tuple[dict[str, Any]
     return payload, merged
 
 
-def memory_format_for(model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.memory_format:
-    """trainer.channels_last, unless this model would hit the oneDNN fault in it (then NCHW, with a log line)."""
-    memory_format, reason = training_memory_format(model, device, channels_last)
-    if reason is not None:
-        log.info("training in NCHW, not channels_last: %s (model.width >= 8 avoids it)", reason)
-    return memory_format
-
-
 def checkpoint_model(payload: dict[str, Any], device: torch.device) -> torch.nn.Module:
     """The checkpoint's model on `device` (channels_last), in eval mode."""
-    from cifar_cam.checkpoint import model_from_checkpoint
-
     return model_from_checkpoint(payload).to(device, memory_format=torch.channels_last).eval()
 
 
-def predict_test(model: torch.nn.Module, splits: DataSplits, cfg: DictConfig, device: torch.device,
-                 tta: bool = False) -> Predictions:
+def test_logits(model: torch.nn.Module, splits: DataSplits, cfg: DictConfig, device: torch.device,
+                tta: bool = False) -> SplitLogits:
     """The model's logits for the whole test set, in eval.batch_size batches at trainer.precision."""
-    return predict(model, EvalBatches(splits.test, cfg.eval.batch_size, device), device=device,
-                   amp_dtype=resolve_precision(cfg.trainer.precision, device), tta=tta)
-
-
-def check_classes(payload: dict[str, Any], splits: DataSplits) -> None:
-    """Refuses data whose classes differ from the checkpoint's."""
-    if list(payload["classes"]) != list(splits.classes):
-        raise CheckpointError(
-            f"ckpt={payload['path']} was trained on {len(payload['classes'])} classes "
-            f"{list(payload['classes'])[:4]}..., "
-            f"but the data has {splits.num_classes} {splits.classes[:4]}...; use the data it was trained on"
-        )
+    return collect_logits(model, EvalBatches(splits.test, cfg.eval.batch_size, device), device=device,
+                          amp_dtype=resolve_precision(cfg.trainer.precision, device), tta=tta)
 
 
 def plain(cfg: DictConfig) -> dict[str, Any]:
     """The config as a plain dict (what checkpoints and JSON files store)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
-def percent(x: float | None) -> str:
-    """A fraction as a percentage for the screen."""
-    return "-" if x is None else f"{100 * x:.2f}%"

@@ -11,45 +11,29 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 
-from cifar_cam import calibration as cal
 from cifar_cam import viz
-from cifar_cam.data import DataSplits, EvalBatches
-from cifar_cam.engine import Predictions, metrics_from, predict, resolve_precision
+from cifar_cam.data.arrays import DataSplits
+from cifar_cam.data.batches import EvalBatches
 from cifar_cam.errors import ConfigError
-from cifar_cam.logs import console
+from cifar_cam.explain import calibration as cal
+from cifar_cam.io import write_json
+from cifar_cam.logs import console, percent
 from cifar_cam.tasks.common import (
-    check_classes,
     checkpoint_and_config,
     checkpoint_model,
     load_data,
-    percent,
-    predict_test,
     run_dir,
     setup_runtime,
-    write_json,
+    test_logits,
 )
+from cifar_cam.training.checkpoint import check_classes
+from cifar_cam.training.device import resolve_precision
+from cifar_cam.training.engine import SplitLogits, collect_logits, metrics_from, misclassified
 
 log = logging.getLogger("cifar_cam.eval")
-
-
-def misclassified(predictions: Predictions, select: str = "most_confident", limit: int | None = None,
-                  seed: int = 0, classes: list[int] | None = None) -> torch.Tensor:
-    """Row numbers of wrong predictions: most confident first, in dataset order, or a seeded random pick;
-    select='correct' gives the most confident right ones instead. `classes`: only images of these true labels."""
-    keep = (predictions.predicted == predictions.labels) if select == "correct" else (
-        predictions.predicted != predictions.labels)
-    if classes is not None:
-        keep &= torch.isin(predictions.labels, torch.as_tensor(classes, dtype=predictions.labels.dtype))
-    rows = torch.nonzero(keep).flatten()
-    if select in ("most_confident", "correct"):
-        rows = rows[predictions.confidence[rows].argsort(descending=True, stable=True)]
-    elif select == "random":
-        rows = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))]
-    return rows if limit is None else rows[:limit]
 
 
 # What decides which training images were held out as val: the run's own values, or the "val" split would
@@ -68,7 +52,7 @@ def check_val_split(cfg: DictConfig, payload: dict[str, Any]) -> None:
                               f"trained on); pass {key}={run_value}")
 
 
-def calibrate(test: Predictions, val: Predictions, splits: DataSplits, cfg: DictConfig, payload: dict[str, Any]
+def calibrate(test: SplitLogits, val: SplitLogits, splits: DataSplits, cfg: DictConfig, payload: dict[str, Any]
               ) -> dict[str, Any]:
     """The temperature fitted on the val logits, and ECE / NLL before and after it on val and on test."""
     from cifar_cam.io import sha256
@@ -99,7 +83,7 @@ def eval_(cfg: DictConfig) -> float:
     splits = load_data(cfg)
     check_classes(payload, splits)
     model = checkpoint_model(payload, device)
-    predictions = predict_test(model, splits, cfg, device, tta=cfg.eval.tta)
+    predictions = test_logits(model, splits, cfg, device, tta=cfg.eval.tta)
     result = metrics_from(predictions, splits.num_classes)
     logits, labels = predictions.logits.numpy(), predictions.labels.numpy()
     curves = {"as trained (T = 1)": cal.reliability(logits, labels)}
@@ -115,7 +99,7 @@ def eval_(cfg: DictConfig) -> float:
     fitted = None
     if calibrating:
         assert splits.val is not None  # config.py refuses data.val_size=0 with eval.calibrate
-        val = predict(model, EvalBatches(splits.val, cfg.eval.batch_size, device), device=device,
+        val = collect_logits(model, EvalBatches(splits.val, cfg.eval.batch_size, device), device=device,
                       amp_dtype=resolve_precision(cfg.trainer.precision, device), tta=cfg.eval.tta)
         fitted = calibrate(predictions, val, splits, cfg, payload)
         t = fitted["temperature"]

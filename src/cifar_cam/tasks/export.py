@@ -12,8 +12,6 @@ ONNX metadata, the .pt2's extra file): the files still output raw logits; a Pred
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -24,24 +22,17 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from cifar_cam import deploy
-from cifar_cam import export as ex
-from cifar_cam.calibration import Calibration, read_calibration
-from cifar_cam.checkpoint import model_from_checkpoint, run_dir_of
-from cifar_cam.config import image_size
-from cifar_cam.data import CIFAR10_MEAN, CIFAR10_STD, DataSplits
+from cifar_cam.config.validate import image_size
+from cifar_cam.data.arrays import CIFAR10_MEAN, CIFAR10_STD, DataSplits
 from cifar_cam.errors import CifarCamError, ConfigError, DataError
-from cifar_cam.io import atomic_path, sha256
-from cifar_cam.predictor import Predictor
-from cifar_cam.tasks.common import (
-    check_classes,
-    checkpoint_and_config,
-    load_data,
-    percent,
-    run_dir,
-    setup_runtime,
-    write_json,
-)
+from cifar_cam.explain.calibration import Calibration, read_calibration
+from cifar_cam.inference import contract, readers, writers
+from cifar_cam.inference.predictor import Predictor
+from cifar_cam.io import atomic_path, sha256, write_json
+from cifar_cam.logs import percent
+from cifar_cam.provenance import package_version
+from cifar_cam.tasks.common import checkpoint_and_config, load_data, run_dir, setup_runtime
+from cifar_cam.training.checkpoint import check_classes, model_from_checkpoint, stored_test_accuracy
 
 log = logging.getLogger("cifar_cam.export")
 
@@ -52,31 +43,14 @@ THROUGHPUT_BATCH, THROUGHPUT_RUNS = 256, 3  # batch-256 img/s: the best of 3 tim
 INT8_GOAL_POINTS = 0.5  # int8 accuracy within this many points of fp32 (a warning line otherwise)
 
 
-def versions() -> dict[str, str]:
-    import cifar_cam
-
-    found = {"cifar_cam": cifar_cam.__version__, "torch": torch.__version__}
-    for name in ("onnx", "onnxruntime", "onnxscript"):
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None  # type: ignore[assignment]
+def versions() -> dict[str, str | None]:
+    """The versions an exported file was made with (its card)."""
+    found: dict[str, str | None] = {"cifar_cam": package_version("cifar-cam"), "torch": torch.__version__}
+    found.update({name: package_version(name) for name in ("onnx", "onnxruntime", "onnxscript")})
     return found
 
 
-def stored_test_accuracy(checkpoint: Path) -> float | None:
-    """The test accuracy the run's summary.json records for its best checkpoint (None for another file, or none)."""
-    run = run_dir_of(checkpoint)
-    if checkpoint.resolve() != (run / "checkpoints" / "best.pt").resolve():
-        return None
-    try:
-        value = json.loads((run / "summary.json").read_text()).get("test_acc")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return float(value) if isinstance(value, int | float) else None
-
-
-def model_card(payload: dict[str, Any], cfg: DictConfig, module: deploy.DeployedModel, checked: bool,
+def model_card(payload: dict[str, Any], cfg: DictConfig, module: contract.DeployedModel, checked: bool,
                calibration: Calibration | None = None) -> dict[str, Any]:
     """What a deployed file says about itself (the ONNX metadata, the .pt2's extra file, model_card.json);
     with `calibration`, the temperature its probabilities take."""
@@ -86,12 +60,12 @@ def model_card(payload: dict[str, Any], cfg: DictConfig, module: deploy.Deployed
     path = Path(payload["path"]).resolve()
     classes = list(payload["classes"])
     return {
-        "format_version": deploy.FORMAT_VERSION,
+        "format_version": contract.FORMAT_VERSION,
         "classes": classes,
         "num_classes": len(classes),
         "architecture": {"name": cfg.model.name, "width": int(cfg.model.width)},
         "image_size": size,
-        "input": {"name": deploy.INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "color": "RGB",
+        "input": {"name": contract.INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "color": "RGB",
                   "shape": [None, size, size, 3], "range": [0, 255]},
         "outputs": [
             {"name": "logits", "dtype": "float32", "shape": [None, len(classes)]},
@@ -99,7 +73,7 @@ def model_card(payload: dict[str, Any], cfg: DictConfig, module: deploy.Deployed
         ],
         "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD),
         "normalization": "inside the model: (pixels / 255 - mean) / std, NHWC -> NCHW",
-        "cam": f"CAM of class c = relu(sum_k {deploy.FC_KEY}.weight[c, k] * features[k]), min-max scaled, "
+        "cam": f"CAM of class c = relu(sum_k {contract.FC_KEY}.weight[c, k] * features[k]), min-max scaled, "
                "bilinearly resized to the input: equals Grad-CAM at layer4",
         "source": {"checkpoint": str(path), "sha256": sha256(path), "epoch": payload.get("epoch")},
         "test_accuracy": stored_test_accuracy(path),
@@ -115,7 +89,7 @@ class Reference:
 
     def __init__(self, module: torch.nn.Module, images: np.ndarray, labels: np.ndarray, batch_size: int) -> None:
         self.images, self.labels, self.batch_size = images, labels, batch_size
-        self.logits = ex.run_torch(module, images, batch_size, features=False)[0]
+        self.logits = readers.run_torch(module, images, batch_size, features=False)[0]
 
     def accuracy(self, logits: np.ndarray) -> float:
         return float((logits.argmax(1) == self.labels).mean()) if len(self.labels) else 0.0
@@ -127,7 +101,6 @@ def file_logits(path: Path, images: np.ndarray, batch_size: int) -> np.ndarray:
     return Predictor.load(path, batch_size=batch_size, threads=torch.get_num_threads()).logits(images)
 
 
-
 def checker(fmt: str, reference: Reference, tolerance: float, results: dict[str, Any],
             logits_of: Callable[[Path, np.ndarray, int], np.ndarray]) -> Callable[[Path], None]:
     """check(temp_path): `fmt`'s logits vs eager; the numbers into results[fmt]; CifarCamError when off."""
@@ -135,7 +108,7 @@ def checker(fmt: str, reference: Reference, tolerance: float, results: dict[str,
     def check(path: Path) -> None:
         start = time.perf_counter()
         logits = logits_of(path, reference.images, reference.batch_size)
-        found = ex.compare_logits(reference.logits, logits)
+        found = readers.compare_logits(reference.logits, logits)
         n, same = found.pop("images"), found.pop("top1_same")
         results[fmt] = {**found, "images": n, "accuracy": reference.accuracy(logits),
                         "seconds": round(time.perf_counter() - start, 3)}
@@ -208,11 +181,11 @@ def export(cfg: DictConfig) -> dict[str, Any]:
                           "calibrate this checkpoint (cifar-cam eval ckpt=... eval.calibrate=true)")
     formats = list(dict.fromkeys(e.formats))
     size = image_size(cfg)
-    model = ex.deployed(model_from_checkpoint(payload))  # CPU fp32 NCHW, eval
+    model = writers.deployed(model_from_checkpoint(payload))  # CPU fp32 NCHW, eval
     splits = _load(cfg, payload)
     checked = bool(e.check)
     card = model_card(payload, cfg, model, checked, scaling)
-    fc = deploy.classifier_of(model.model)
+    fc = contract.classifier_of(model.model)
     batch_size = int(cfg.eval.batch_size)
 
     reference = None
@@ -238,16 +211,17 @@ def export(cfg: DictConfig) -> dict[str, Any]:
             temps[fmt] = stack.enter_context(atomic_path(out / FILES[fmt], suffix=Path(FILES[fmt]).suffix))
             start = time.perf_counter()
             if fmt == "onnx":
-                ex.to_onnx(model, temps[fmt], size, card, fc, opset=int(e.opset), check=check_for(fmt, file_logits))
+                writers.to_onnx(model, temps[fmt], size, card, fc, opset=int(e.opset),
+                                check=check_for(fmt, file_logits))
             else:
-                ex.to_pt2(model, temps[fmt], size, card, fc, check=check_for(fmt, file_logits))
+                writers.to_pt2(model, temps[fmt], size, card, fc, check=check_for(fmt, file_logits))
             record[fmt] = {"seconds": round(time.perf_counter() - start, 3)}
         if e.quantize == "int8":
             assert splits is not None and reference is not None  # _load made sure
             calibration = calibration_set(splits, int(e.calibration_images), int(cfg.seed))
             temps["int8"] = stack.enter_context(atomic_path(out / FILES["int8"], suffix=".onnx"))
             start = time.perf_counter()
-            ex.quantize_int8(temps["onnx"], temps["int8"], calibration)
+            writers.quantize_int8(temps["onnx"], temps["int8"], calibration)
             record["int8"] = {"seconds": round(time.perf_counter() - start, 3)}
             record["quantize"] = quantize_report(model, temps, reference, calibration, checks)
         written = {fmt: out / FILES[fmt] for fmt in temps}
@@ -302,25 +276,25 @@ def quantize_report(model: torch.nn.Module, temps: dict[str, Path], reference: R
                     checks: dict[str, Any]) -> dict[str, Any]:
     """int8 vs fp32 on the check images (accuracy, agreement) and CPU speed of eager torch, fp32 and int8 ONNX."""
     threads = torch.get_num_threads()
-    fp32 = ex.onnx_session(temps["onnx"], threads)
-    int8 = ex.onnx_session(temps["int8"], threads)
+    fp32 = readers.onnx_session(temps["onnx"], threads)
+    int8 = readers.onnx_session(temps["int8"], threads)
     fp32_logits = file_logits(temps["onnx"], reference.images, reference.batch_size)
     int8_logits = file_logits(temps["int8"], reference.images, reference.batch_size)
     accuracy = {"images": len(reference.labels), "eager": reference.accuracy(reference.logits),
                 "onnx": reference.accuracy(fp32_logits), "int8": reference.accuracy(int8_logits)}
-    agreement = ex.compare_logits(fp32_logits, int8_logits)
+    agreement = readers.compare_logits(fp32_logits, int8_logits)
     drop = 100 * (accuracy["onnx"] - accuracy["int8"])
     if drop > INT8_GOAL_POINTS:
         log.warning("int8 accuracy %s is %.2f points below fp32's %s (goal: within %.1f)", percent(accuracy["int8"]),
                     drop, percent(accuracy["onnx"]), INT8_GOAL_POINTS)
-    eager_cl = ex.deployed(model).to(memory_format=torch.channels_last)  # as eval / predict run it
+    eager_cl = writers.deployed(model).to(memory_format=torch.channels_last)  # as eval / predict run it
 
     def torch_run(images: np.ndarray) -> Any:
         with torch.inference_mode():
             return eager_cl(torch.from_numpy(images))
 
     def session_run(session: Any) -> Callable[[np.ndarray], Any]:
-        return lambda images: session.run(list(deploy.OUTPUT_NAMES), {deploy.INPUT_NAME: images})
+        return lambda images: session.run(list(contract.OUTPUT_NAMES), {contract.INPUT_NAME: images})
 
     timed = {"threads": threads}
     for name, run in (("torch", torch_run), ("onnx", session_run(fp32)), ("int8", session_run(int8))):

@@ -16,22 +16,22 @@ import torch
 from omegaconf import DictConfig
 
 from cifar_cam import viz
-from cifar_cam.cam import GradCAM, LayerHooks, resolve_layers
-from cifar_cam.data import Normalizer
+from cifar_cam.data.batches import Normalizer
 from cifar_cam.errors import ConfigError
-from cifar_cam.io import write_csv
+from cifar_cam.explain.cam import GradCAM
+from cifar_cam.explain.hooks import LayerHooks, resolve_layers
+from cifar_cam.io import write_csv, write_json
+from cifar_cam.logs import percent
 from cifar_cam.tasks.common import (
-    check_classes,
     checkpoint_and_config,
     checkpoint_model,
     load_data,
-    percent,
-    predict_test,
     run_dir,
     setup_runtime,
-    write_json,
+    test_logits,
 )
-from cifar_cam.tasks.eval import misclassified
+from cifar_cam.training.checkpoint import check_classes
+from cifar_cam.training.engine import misclassified
 
 log = logging.getLogger("cifar_cam.gradcam")
 
@@ -103,7 +103,7 @@ def faithfulness_rows(model: torch.nn.Module, x: torch.Tensor, by_method: dict[s
                       explained: torch.Tensor, index: np.ndarray, seed: int) -> list[dict[str, Any]]:
     """gradcam_metrics.csv's rows: deletion / insertion AUC and ROAD per image, method and layer, and for two
     baselines (a seeded random map, a centre blob: layer '-')."""
-    from cifar_cam.cam.metrics import centre_blob_map, faithfulness, random_map
+    from cifar_cam.explain.faithfulness import centre_blob_map, faithfulness, random_map
 
     n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
     maps = {(method, layer): torch.from_numpy(m).to(x.device) for method, layers in by_method.items()
@@ -177,7 +177,7 @@ def gradcam(cfg: DictConfig) -> float:
     wanted = class_labels(list(g.classes) if g.get("classes") else None, classes)  # a bad name: before the test pass
 
     started = time.perf_counter()
-    predictions = predict_test(model, splits, cfg, device)  # no TTA: the maps explain single forward passes
+    predictions = test_logits(model, splits, cfg, device)  # no TTA: the maps explain single forward passes
     test_seconds = time.perf_counter() - started
     n_test = len(predictions.labels)
     n_wrong = int((predictions.predicted != predictions.labels).sum())

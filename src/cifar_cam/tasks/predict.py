@@ -27,13 +27,13 @@ import numpy as np
 from omegaconf import DictConfig
 
 from cifar_cam import viz
+from cifar_cam.data.decode import decode_rgb
 from cifar_cam.errors import CifarCamError, DataError
-from cifar_cam.images import decode_rgb
-from cifar_cam.inputs import Input, find_inputs
-from cifar_cam.io import cores, write_csv
-from cifar_cam.logs import Bars
-from cifar_cam.predictor import Predictor
-from cifar_cam.tasks.common import percent, resolve_num_threads, run_dir, seed_everything, write_json
+from cifar_cam.inference.inputs import Input, find_inputs
+from cifar_cam.inference.predictor import Predictor
+from cifar_cam.io import cores, write_csv, write_json
+from cifar_cam.logs import Bars, percent
+from cifar_cam.tasks.common import resolve_num_threads, run_dir, seed_everything
 
 log = logging.getLogger("cifar_cam.predict")
 
@@ -109,7 +109,7 @@ def decoded_batches(inputs: list[Input], batch_size: int, size: int, max_pixels:
                 thread.join(0.05)
 
 
-def predict(cfg: DictConfig) -> float:
+def predict_images(cfg: DictConfig) -> float:
     """Predicts every image of `inputs`; returns the accuracy where true classes are known, else NaN."""
     out = run_dir()
     p = cfg.predict

@@ -32,10 +32,11 @@ log = logging.getLogger("cifar_cam.report")
 
 SUMMARY_FIELDS = ("best_val_acc", "test_acc", "test_loss", "best_epoch", "epochs_run", "stopped_early", "train_seconds",
                   "images_per_second")
-JOB_FIELDS = ("job", "status", "group", "seed", *SUMMARY_FIELDS, "commit", "reason", "overrides")
+JOB_FIELDS = ("job", "status", "group", "seed", *SUMMARY_FIELDS, "commit", "tags", "reason", "overrides")
 GROUP_FIELDS = ("group", "n", "failed", "val_acc_mean", "val_acc_std", "test_acc_mean", "test_acc_std",
-                "train_seconds_mean", "jobs")
-NOT_A_CONFIG = ("seed", "ckpt")  # overrides that do not define the configuration being compared (nor hydra.*)
+                "train_seconds_mean", "tags", "jobs")
+# overrides that do not define the configuration being compared (nor hydra.*, nor the user's labels, tags.*)
+NOT_A_CONFIG = ("seed", "ckpt")
 
 
 @dataclass
@@ -49,6 +50,12 @@ class Job:
     status: str                     # done | failed | stopped | unfinished | not started
     reason: str = ""                # for failed / unfinished jobs: the log's last error or last line
     group: str = ""                 # the overrides that set this job apart from the others, seed excluded
+    tags: dict[str, Any] = field(default_factory=dict)  # the user's labels (+tags.<name>=<value>)
+
+    @property
+    def tags_text(self) -> str:
+        """'owner=ana note=baseline'."""
+        return " ".join(f"{k}={v}" for k, v in self.tags.items())
 
 
 @dataclass
@@ -61,6 +68,11 @@ class Group:
     @property
     def done(self) -> list[Job]:
         return [j for j in self.jobs if j.status == "done"]
+
+    @property
+    def tags_text(self) -> str:
+        """Every label its jobs carry, once each."""
+        return " ".join(dict.fromkeys(t for j in self.jobs for t in j.tags_text.split()))
 
     def values(self, key: str) -> list[float]:
         """`key` of summary.json over the finished jobs (missing or null values left out)."""
@@ -105,15 +117,16 @@ def read_job(path: Path) -> Job | None:
     if config.get("command", "train") != "train":
         return None
     seed = config.get("seed")
+    tags = dict(config.get("tags") or {})
     summary_file = path / "summary.json"
     if summary_file.is_file():
         try:
             summary = json.loads(summary_file.read_text())
         except json.JSONDecodeError:
-            return Job(path, overrides, seed, None, "failed", "summary.json is not valid JSON")
-        return Job(path, overrides, seed, summary, "done")
+            return Job(path, overrides, seed, None, "failed", "summary.json is not valid JSON", tags=tags)
+        return Job(path, overrides, seed, summary, "done", tags=tags)
     status, reason = why_unfinished(path)
-    return Job(path, overrides, seed, None, status, reason)
+    return Job(path, overrides, seed, None, status, reason, tags=tags)
 
 
 def why_unfinished(path: Path) -> tuple[str, str]:
@@ -161,9 +174,9 @@ def never_started(sweep_dir: Path, job_dirs: Sequence[Path]) -> list[Job]:
 
 
 def _is_config_override(override: str) -> bool:
-    """False for overrides that do not define what is compared: seed, ckpt, hydra.*."""
+    """False for overrides that do not define what is compared: seed, ckpt, hydra.*, tags.*."""
     key = override.split("=", 1)[0].lstrip("+~")
-    return key not in NOT_A_CONFIG and not key.startswith("hydra.")
+    return key not in NOT_A_CONFIG and not key.startswith(("hydra.", "tags.")) and key != "tags"
 
 
 def group_jobs(jobs: list[Job]) -> tuple[list[Group], list[str]]:
@@ -196,7 +209,7 @@ def job_rows(jobs: list[Job], root: Path | None) -> list[dict[str, Any]]:
         s = j.summary or {}
         rows.append({
             "job": _display(j.path, root), "status": j.status, "group": j.group, "seed": j.seed,
-            **{k: s.get(k) for k in SUMMARY_FIELDS}, "commit": short_commit(j.path),
+            **{k: s.get(k) for k in SUMMARY_FIELDS}, "commit": short_commit(j.path), "tags": j.tags_text,
             "reason": j.reason, "overrides": " ".join(j.overrides),
         })
     return rows
@@ -212,7 +225,8 @@ def group_rows(groups: list[Group], root: Path | None) -> list[dict[str, Any]]:
         rows.append({
             "group": g.label, "n": len(g.done), "failed": len(g.jobs) - len(g.done),
             "val_acc_mean": val_mean, "val_acc_std": val_std, "test_acc_mean": test_mean, "test_acc_std": test_std,
-            "train_seconds_mean": seconds, "jobs": " ".join(_display(j.path, root) for j in g.jobs),
+            "train_seconds_mean": seconds, "tags": g.tags_text,
+            "jobs": " ".join(_display(j.path, root) for j in g.jobs),
         })
     return rows
 
@@ -355,6 +369,8 @@ def print_tables(groups: list[Group], jobs: list[Job], common: list[str], title:
                _Column("Δ val vs best", deltas, "right", priority=0),
                _Column("test acc (mean ± std)", tests, "right", priority=0),
                _Column("seeds: val / test", seeds, priority=2), _Column("train s", seconds, "right", priority=0)]
+    if any(g.tags_text for g in groups):  # the user's labels (+tags.<name>=...)
+        numbers.append(_Column("tags", [g.tags_text.split() or ["-"] for g in groups], priority=2))
     under = Text(caption, no_wrap=False, overflow="fold") if caption else None
     table = _fit_table([rank, config, *numbers], screen.width, title=title, caption=under)
     if table is not None:

@@ -9,54 +9,27 @@ socket, each loading the model through `cifar_cam.serve.app:factory`.
 from __future__ import annotations
 
 import inspect
-import ipaddress
+import json
 import logging
 import os
-import signal
 from typing import Any
 
 from omegaconf import DictConfig
 
 from cifar_cam.errors import CifarCamError
-from cifar_cam.serve.app import ENV, Settings, bind, create_app, load_predictor, spec_json, url_of
+from cifar_cam.serve.app import ENV, create_app, load_predictor, spec_json
+from cifar_cam.serve.gallery import load_gallery
+from cifar_cam.serve.server import GRACE_S, bind, is_loopback, server_class, url_of
+from cifar_cam.serve.settings import Settings
 from cifar_cam.tasks.common import resolve_num_threads, seed_everything
 
 log = logging.getLogger("cifar_cam.serve")
-GRACE_S = 5
 
 
 class ServeError(CifarCamError):
     """The server could not start (the port is taken, the host is not ours)."""
 
     exit_code = 1
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _server_class() -> Any:
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """uvicorn's server, but a stop asked for by SIGINT / SIGTERM is a clean exit (0): uvicorn would raise
-        the signal again once it has shut down."""
-
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            if not self.should_exit:
-                log.info("stopping (%s): finishing the requests in flight (at most %d s)",
-                         signal.Signals(sig).name, GRACE_S)
-            super().handle_exit(sig, frame)
-            captured = getattr(self, "_captured_signals", None)
-            if isinstance(captured, list):
-                captured.clear()
-
-    return Server
 
 
 def serve(cfg: DictConfig) -> None:
@@ -67,12 +40,12 @@ def serve(cfg: DictConfig) -> None:
     seed_everything(cfg.seed)
     threads = resolve_num_threads(cfg.trainer.get("num_threads", "auto"))
     settings = Settings.from_cfg(s)
+    if settings.gallery:
+        load_gallery(settings.gallery)  # a bad serve.gallery fails here, before a port is bound or a worker runs
     workers = int(s.workers)
     host, port = str(s.host), int(s.port)
     spec = spec_json(str(cfg.ckpt), str(cfg.trainer.device), str(cfg.trainer.precision), threads, settings,
                      batch_size=max(int(settings.max_batch), int(settings.max_batch_images)))
-    import json
-
     predictor = load_predictor(json.loads(spec))  # one line (exit 2) for a bad ckpt, before binding anything
     try:
         sock = bind(host, port)
@@ -101,11 +74,11 @@ def serve(cfg: DictConfig) -> None:
             from uvicorn.supervisors import Multiprocess
 
             if "target" in inspect.signature(Multiprocess).parameters:  # uvicorn < 0.30
-                Multiprocess(config, target=_server_class()(config).run, sockets=[sock]).run()
+                Multiprocess(config, target=server_class()(config).run, sockets=[sock]).run()
             else:
                 Multiprocess(config, sockets=[sock]).run()  # returns (0) once its workers stopped
         else:
-            _server_class()(config).run(sockets=[sock])
+            server_class()(config).run(sockets=[sock])
     finally:
         sock.close()
     log.info("stopped")

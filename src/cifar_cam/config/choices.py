@@ -1,0 +1,37 @@
+"""The names a config may choose from, importable without torch.
+
+`config.validate` checks a config against these before anything heavy is imported, so bad
+input is refused in about a second; the modules that implement each choice import them from here.
+"""
+
+from __future__ import annotations
+
+SOURCES = ("cifar10", "folder", "synthetic")  # data.source (data/sources.py)
+PRESETS = ("seed", "crop_flip", "none")  # aug.preset (data/augment.py)
+BACKENDS = ("albumentations", "torch")  # aug.backend (data/augment.py, data/device_augment.py)
+MIX_MODES = ("mixup", "cutmix", "both")  # aug.mix (data/mix.py; null: off; both: one of the two per batch, evenly)
+MODEL_NAMES = ("resnet18",)  # model.name (models/resnet.py: MODELS holds their builders)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # trainer.precision (training/device.py)
+STRATEGIES = ("auto", "single", "ddp")  # trainer.strategy (training/distributed.py)
+# gradcam.method (explain/cam.py: METHODS, same order)
+CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
+CAM_SELECT = ("most_confident", "first", "random", "correct")  # gradcam.select (tasks/gradcam.py)
+INTERVALS = ("epoch", "step")  # scheduler.interval: when the training run steps the scheduler
+MUON = "cifar_cam.training.optim.Muon"  # optimizer=muon's _target_ (training/optim.py)
+
+# The trackers `logger=` may choose (conf/logger/<name>.yaml nests its keys under logger.<name>), the options each
+# takes, and the python module each needs (checked importable before torch loads); training/trackers.py writes them.
+TRACKERS = ("tensorboard", "mlflow", "csv")
+TRACKER_KEYS = {
+    "tensorboard": ("hparams", "images"),
+    "mlflow": ("tracking_uri", "store", "experiment_name", "run_name", "artifacts"),
+    "csv": (),
+}
+TRACKER_MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "csv": None}
+INSTALL_HINTS = {"tensorboard": "pip install tensorboard", "mlflow": "pip install 'cifar-cam[mlflow]'"}
+MLFLOW_STORES = ("sqlite", "file")  # logger.mlflow.store: the run dir's store when tracking_uri is null
+
+
+def missing_tracker_message(name: str) -> str:
+    """The one line for a tracker whose python package is not installed."""
+    return f"logger={name} needs {TRACKER_MODULES[name]}: {INSTALL_HINTS[name]}"
