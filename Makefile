@@ -7,7 +7,7 @@ PY := .venv/bin/python
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-full lint format bench clean
+.PHONY: help install test test-full lint format bench docs clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -18,8 +18,9 @@ install:  ## a virtualenv (or the active one) + pip install -e .[dev]
 	$(PY) -m pip install -e '.[dev]'
 	@echo; echo "installed: activate with 'source .venv/bin/activate', then run 'cifar-cam --help'"
 
-test:  ## the fast suite: CPU, synthetic data, a few minutes
+test:  ## the fast suite (CPU, synthetic data, a few minutes), then the docs site's strict build
 	$(PY) -m pytest -q
+	@$(MAKE) --no-print-directory docs
 
 test-full:  ## everything, including slow real-data tests (need ../shared/data)
 	$(PY) -m pytest -q -m "slow or not slow"
@@ -33,6 +34,10 @@ format:  ## ruff format + import sort
 
 bench:  ## scripts/bench.py on this machine
 	$(PY) scripts/bench.py
+
+docs:  ## build the docs site (mkdocs, strict: a broken link or a page missing from nav fails)
+	@# no -q: mkdocs counts a warning only when it is logged, so --strict -q would pass a broken link
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site 2>&1 | grep -v "^INFO" ; exit $${PIPESTATUS[0]}
 
 clean:  ## remove build artefacts and caches (not outputs/ or multirun/)
 	rm -rf build dist src/*.egg-info .pytest_cache .ruff_cache
