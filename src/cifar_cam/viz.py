@@ -69,17 +69,19 @@ def plot_confusion_matrix(confusion: np.ndarray, classes: Sequence[str], path: s
     confusion = np.asarray(confusion)
     rates = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
     n = len(classes)
-    size = max(6.0, 0.65 * n + 2)
+    size = min(max(6.0, 0.65 * n + 2), 22.0)  # 100 classes: 22 inches, every class still named
+    font = 8 if n <= 30 else max(4.5, 8 - (n - 30) / 20)
     fig, ax = plt.subplots(figsize=(size, size * 0.9))
     im = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
-    if n <= 30:
+    if n <= 30:  # counts in the cells while they fit; beyond, the shading and the per-class accuracies say it
         for i in range(n):
             for j in range(n):
                 ax.text(j, i, str(int(confusion[i, j])), ha="center", va="center", fontsize=8,
                         color="white" if rates[i, j] > 0.5 else "black")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), [f"{name} {100 * rates[i, i]:.1f}%" for i, name in enumerate(classes)])
+    ax.set_xticks(range(n), classes, rotation=45 if n <= 30 else 90, ha="right" if n <= 30 else "center",
+                  fontsize=font)
+    ax.set_yticks(range(n), [f"{name} {100 * rates[i, i]:.1f}%" for i, name in enumerate(classes)], fontsize=font)
     ax.set(xlabel="predicted", ylabel="true (and its accuracy)", title=title)
     fig.tight_layout()
     return _save(fig, path)
@@ -196,10 +198,14 @@ CAM_CMAP = "jet"
 
 
 def upscale(image: np.ndarray, size: int) -> np.ndarray:
-    """A uint8 HWC image or a float (H, W) map resized to size x size, bicubic (maps clipped to [0, 1])."""
+    """A uint8 HWC image or a float (H, W) map resized to `size` pixels on its longer side (its aspect kept;
+    size x size for a square one), bicubic (maps clipped to [0, 1])."""
     import cv2
 
-    resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    resized = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))),
+                         interpolation=cv2.INTER_CUBIC)
     return resized if image.dtype == np.uint8 else np.clip(resized, 0.0, 1.0)
 
 

@@ -18,6 +18,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                 "top-k classes (and CAM) of your own images: inputs=..."),
     "serve": ("serve", "cifar_cam.tasks.serve:serve", "HTTP API + web page over a model (FastAPI): ckpt=..."),
     "export": ("export", "cifar_cam.tasks.export:export", "ONNX / torch.export (and int8) files, checked vs PyTorch"),
+    "data": ("data_info", "cifar_cam.tasks.data:inspect_data",
+             "a look at a data set: counts, sizes, bad files, duplicates, mean/std, samples.png"),
 }
 
 

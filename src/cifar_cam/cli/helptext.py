@@ -30,6 +30,7 @@ HELP_KEYS: dict[str, tuple[str, ...]] = {
     "predict": ("ckpt", "inputs", "predict", *_RUNTIME),
     "export": ("ckpt", "data.root", "export", "trainer.device", "trainer.num_threads"),
     "serve": ("ckpt", "serve", *_RUNTIME),
+    "data": ("ckpt", "seed", "data", "aug", "look", *_RUNTIME),
 }
 # Config groups whose files describe keys (experiment presets and sweeps set keys, they do not define them)
 NOT_DOCUMENTING = {"experiment", "hparams_search", "hydra"}
@@ -146,7 +147,9 @@ def render(command: str, summary: str, cfg: DictConfig, choices: dict[str, str],
         shown = " ".join(f"{n}*" if n == chosen else n for n in names)
         lines.append(f"  {group:<15} {shown}" + ("   (none chosen)" if chosen is None else ""))
     lines += ["", "keys (key=value, with the value in effect):"]
-    config_name = command.replace("-", "_")
+    from cifar_cam.cli.commands import COMMANDS
+
+    config_name = COMMANDS[command][0]
     rows = []
     for key, value in shown_keys(command, cfg):
         name, interpolation = _shown(key, value, cfg)
@@ -186,4 +189,7 @@ def did_you_mean(key: str, keys: dict[str, list[str]], n: int = 5) -> list[str]:
     ranked.sort(key=lambda k: (bool(keys[k]), -len(keys[k])))  # stable: closeness within each kind
     if keys.get(key):  # the key exists, with another group option: that first
         ranked = [key, *(k for k in ranked if k != key)]
-    return [k if not keys[k] else f"{k} (with {' or '.join(keys[k][:2])})" for k in ranked[:n]]
+    def options(names: list[str]) -> str:
+        return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+    return [k if not keys[k] else f"{k} (with {options(keys[k])})" for k in ranked[:n]]

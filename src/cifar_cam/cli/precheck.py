@@ -122,7 +122,8 @@ def precheck(command: str, overrides: list[str], machine: bool = True) -> Any:
             first_cfg = cfg if first_cfg is None else first_cfg
             validate(cfg, command)  # torch is imported only past this line: bad keys are refused in ~1 s
             if machine:
-                check_files(command, cfg, checked)
+                typed = any(o.split("=", 1)[0].lstrip("+~") == "data.root" for o in single)
+                check_files(command, cfg, checked, root_typed=typed)
         except CifarCamError as e:
             fail(command, str(e), e.exit_code)
     return first_cfg
@@ -131,10 +132,13 @@ def precheck(command: str, overrides: list[str], machine: bool = True) -> Any:
 CALIBRATION_KEYS = {"predict": "predict.calibration", "export": "export.calibration", "serve": "serve.calibration"}
 
 
-def check_files(command: str, cfg: Any, checked: set[tuple[str, str]]) -> None:
+def check_files(command: str, cfg: Any, checked: set[tuple[str, str]], root_typed: bool = True) -> None:
     """What a valid config names must be there: a calibration file, a plan, the model and inputs of predict, the
-    device, the data root; CifarCamError (one line) for the first that is not. Each path is looked at once."""
+    device, the data root; CifarCamError (one line) for the first that is not. Each path is looked at once.
+    `root_typed`: data.root came from the command line (else from a checkpoint, which the message says)."""
     from omegaconf import OmegaConf
+
+    from cifar_cam.errors import DataError
 
     def once(what: str, path: Any) -> bool:
         key = (what, str(path))
@@ -155,14 +159,21 @@ def check_files(command: str, cfg: Any, checked: set[tuple[str, str]]) -> None:
         from cifar_cam.inference.inputs import check_inputs, check_model_file
 
         check_model_file(cfg.ckpt, cfg.predict.layer if cfg.predict.cam else None)
-        check_inputs(cfg.inputs)
+        if cfg.predict.get("split") is None:
+            check_inputs(cfg.inputs)
     from cifar_cam.data.sources import check_root
     from cifar_cam.training.device import resolve_device
 
     resolve_device(cfg.trainer.device)
-    if command != "export" and cfg.data.source == "folder" and once("root", cfg.data.root):
+    if command != "export" and cfg.data.source in ("folder", "csv") and once("root", cfg.data.root):
         # (export reports unreachable data itself: export.check=false exports without it)
-        check_root(cfg.data.root)
+        try:
+            check_root(str(cfg.data.root), cfg.data.source)
+        except DataError:
+            if not root_typed and cfg.get("ckpt"):  # the checkpoint's own root, which the user never typed
+                raise DataError(f"data.root={cfg.data.root} (from the checkpoint ckpt={cfg.ckpt}) does not exist "
+                                "here; pass data.root=<where that data is now>") from None
+            raise
 
 
 def check_plan_file(cfg: Any) -> None:

@@ -6,7 +6,10 @@ input is refused in about a second; the modules that implement each choice impor
 
 from __future__ import annotations
 
-SOURCES = ("cifar10", "folder", "synthetic")  # data.source (data/sources.py)
+SOURCES = ("cifar10", "cifar100", "folder", "csv", "synthetic")  # data.source (data/sources.py)
+RESIZE_POLICIES = ("stretch", "crop", "pad")  # data.resize (data/decode.py: Fit)
+SAMPLERS = ("balanced",)  # data.sampler, or null (data/batches.py: balanced_weights)
+AUG_REFERENCE_SIDE = 32  # aug.pad and aug.cutout_size are pixels of an image this size; they scale with the image
 PRESETS = ("seed", "crop_flip", "none")  # aug.preset (data/augment.py)
 BACKENDS = ("albumentations", "torch")  # aug.backend (data/augment.py, data/device_augment.py)
 MIX_MODES = ("mixup", "cutmix", "both")  # aug.mix (data/mix.py; null: off; both: one of the two per batch, evenly)
@@ -16,6 +19,7 @@ STRATEGIES = ("auto", "single", "ddp")  # trainer.strategy (training/distributed
 # gradcam.method (explain/cam.py: METHODS, same order)
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
 CAM_SELECT = ("most_confident", "first", "random", "correct")  # gradcam.select (tasks/gradcam.py)
+EVAL_PRECISIONS = ("fp32", "bf16", "fp16")  # eval.precision: every reported accuracy is computed at it
 INTERVALS = ("epoch", "step")  # scheduler.interval: when the training run steps the scheduler
 MUON = "cifar_cam.training.optim.Muon"  # optimizer=muon's _target_ (training/optim.py)
 

@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 # The commands whose config takes a checkpoint's stored values (ckpt= a run dir or a .pt)
-CHECKPOINT_CONFIG_COMMANDS = ("train", "lr-find", "eval", "gradcam", "export")
+CHECKPOINT_CONFIG_COMMANDS = ("train", "lr-find", "eval", "gradcam", "export", "data")
 
 # Sections of a checkpoint's config that define what was trained: eval and gradcam rebuild
 # these from the checkpoint unless the command line overrides them.
@@ -30,6 +30,8 @@ LEGACY_TARGETS = {"cifar_cam.optim.Muon": "cifar_cam.training.optim.Muon"}
 def sections_for(command: str) -> tuple[str, ...] | None:
     """The config sections a command takes from the checkpoint: all of them to resume, the recipe's for
     lr-find, the model's otherwise."""
+    if command == "data":  # the data it trained on, and how it augmented it
+        return ("data", "aug", "model", "eval")
     return None if command == "train" else RECIPE_SECTIONS if command == "lr-find" else MODEL_SECTIONS
 
 

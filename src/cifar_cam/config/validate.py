@@ -15,9 +15,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cifar_cam.config.choices import (
+    AUG_REFERENCE_SIDE,
     BACKENDS,
     CAM_METHODS,
     CAM_SELECT,
+    EVAL_PRECISIONS,
     INTERVALS,
     MIX_MODES,
     MLFLOW_STORES,
@@ -25,6 +27,7 @@ from cifar_cam.config.choices import (
     MUON,
     PRECISIONS,
     PRESETS,
+    RESIZE_POLICIES,
     SOURCES,
     STRATEGIES,
     TRACKER_KEYS,
@@ -40,9 +43,17 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 DEFAULT_IMAGE_SIZE = 32  # CIFAR's own size: what every data source gives when data.image_size is not set
 
 
+def image_hw(cfg: DictConfig) -> tuple[int, int]:
+    """(height, width) of the images that load_data gives for `cfg` (data.image_size: a side or [H, W]; else 32)."""
+    size = OmegaConf.select(cfg, "data.image_size", default=DEFAULT_IMAGE_SIZE)
+    if OmegaConf.is_list(size) or isinstance(size, list | tuple):
+        return int(size[0]), int(size[1])
+    return int(size), int(size)
+
+
 def image_size(cfg: DictConfig) -> int:
-    """The side of the square images that load_data gives for `cfg` (data.image_size, else CIFAR's 32)."""
-    return int(OmegaConf.select(cfg, "data.image_size", default=DEFAULT_IMAGE_SIZE))
+    """The images' height (a square image's side): what trainer.progressive_resize and a plan's sizes measure."""
+    return image_hw(cfg)[0]
 
 
 def _get(cfg: DictConfig, key: str) -> Any:
@@ -117,21 +128,50 @@ def _validate_top_level(c: DictConfig, command: str) -> None:
             raise ConfigError(f"tags.{name} must be a word or a number (a label for the run), got {value!r}")
 
 
+def _image_size_value(v: Any) -> bool:
+    """A side >= 8, or [height, width] of two >= 8."""
+    if _is_list(v):
+        return len(v) == 2 and all(_is_int(s) and s >= 8 for s in v)
+    return _is_int(v) and v >= 8
+
+
+def _fractions(v: Any) -> bool:
+    return _is_list(v) and len(v) == 3 and all(_is_number(f) and f >= 0 for f in v) and v[2] > 0 and v[0] > 0
+
+
 def _validate_data(c: DictConfig, command: str) -> None:
-    """data.*: the keys of every source, then those of the chosen one."""
+    """data.*: the keys of every source, then those of the chosen one (keys a source lacks are checked where
+    present: a checkpoint written before a key existed still loads)."""
     _check(c, "data.source", _choice(SOURCES), f"one of {list(SOURCES)}")
     _check(c, "data.batch_size", _int_at_least(1), "an integer >= 1")
     _check(c, "data.num_workers", lambda v: v == "auto" or (_is_int(v) and v >= 0), "'auto' or an integer >= 0")
-    _check(c, "data.val_size", _int_at_least(0), "an integer >= 0 (0 = no validation split)")
+    _check(c, "data.val_size", lambda v: (_is_int(v) and v >= 0) or (isinstance(v, float) and 0 < v < 1),
+           "a number of images >= 0 (0 = no validation split) or a fraction in (0, 1), e.g. 0.1")
     _check(c, "data.subset", _int_at_least(1), "null or an integer >= 1", optional=True)
-    if _get(c, "data.source") == "folder":
-        _check(c, "data.root", lambda v: isinstance(v, str) and v != "", "a folder or .tar.gz path")
-        _check(c, "data.image_size", _int_at_least(8), "an integer >= 8")
-    if _get(c, "data.source") == "synthetic":
+    _check(c, "data.sampler", lambda v: v == "balanced", "null or balanced", optional=True)
+    source = _get(c, "data.source")
+    if source in ("folder", "csv"):
+        _check(c, "data.root", lambda v: isinstance(v, str) and v != "",
+               "a folder or .tar/.tar.gz path" if source == "folder" else "a CSV file of path,label[,split]")
+    if source in ("folder", "csv", "synthetic"):
+        _check(c, "data.image_size", _image_size_value, "a side (an integer >= 8) or [height, width] (each >= 8)")
+    if "split" in c.data:
+        _check(c, "data.split", _fractions, "three fractions [train, val, test] with train and test > 0, "
+                                            "e.g. [0.8,0.1,0.1]")
+    if "resize" in c.data:
+        _check(c, "data.resize", _choice(RESIZE_POLICIES), f"one of {list(RESIZE_POLICIES)}")
+        _check(c, "data.pad_fill", lambda v: (_is_int(v) and 0 <= v <= 255) or (
+            _is_list(v) and len(v) == 3 and all(_is_int(x) and 0 <= x <= 255 for x in v)),
+            "a gray level 0..255 or [R, G, B]")
+    for key in ("skip_bad_images", "cache"):
+        if key in c.data:
+            _check(c, f"data.{key}", _is_bool, "true or false")
+    if "decode_workers" in c.data:
+        _check(c, "data.decode_workers", lambda v: v == "auto" or (_is_int(v) and v >= 1), "'auto' or an integer >= 1")
+    if source == "synthetic":
         _check(c, "data.num_classes", _int_at_least(2), "an integer >= 2")
         _check(c, "data.train_size", _int_at_least(2), "an integer >= 2")
         _check(c, "data.test_size", _int_at_least(1), "an integer >= 1")
-        _check(c, "data.image_size", _int_at_least(8), "an integer >= 8")
 
 
 def _validate_model(c: DictConfig, command: str) -> None:
@@ -150,16 +190,30 @@ def _validate_aug(c: DictConfig, command: str) -> None:
         elif key == "rotate_limit":
             _check(c, "aug.rotate_limit", _number_in(0, 180), "degrees in [0, 180]")
         elif key in ("cutout_size", "pad"):
-            _check(c, f"aug.{key}", _int_at_least(0), "an integer >= 0 (pixels)")
+            _check(c, f"aug.{key}", _int_at_least(0), "an integer >= 0 (pixels of a 32-pixel image)")
         elif key in ("mixup_alpha", "cutmix_alpha"):
             _check(c, f"aug.{key}", _positive, "a number > 0 (the Beta distribution's alpha)")
     _check(c, "aug.mix", _choice(MIX_MODES), f"null (off) or one of {list(MIX_MODES)}", optional=True)
+    check_aug_sizes(OmegaConf.to_container(c.aug))  # a hole or padding that would not fit: here, not in a worker
+
+
+def check_aug_sizes(aug: Any) -> None:
+    """ConfigError for a crop padding or a Cutout hole that would not fit the 32-pixel image it is given for
+    (the sizes scale with the image: data/aug_geometry.py)."""
+    preset, side = aug.get("preset", "none"), AUG_REFERENCE_SIDE
+    if preset == "crop_flip" and int(aug.get("pad", 0)) >= side:
+        raise ConfigError(f"aug.pad={aug['pad']} must be smaller than {side} (pixels of a {side}-pixel image; it "
+                          "scales with data.image_size)")
+    if preset in ("seed", "crop_flip") and int(aug.get("cutout_size", 0)) > side:
+        raise ConfigError(f"aug.cutout_size={aug['cutout_size']} is larger than the {side}-pixel image it is "
+                          f"given for (it scales with data.image_size); use at most {side}")
 
 
 def _validate_eval(c: DictConfig, command: str) -> None:
     """eval.*; eval.calibrate needs a val split to fit on (never the test set)."""
     _check(c, "eval.batch_size", _int_at_least(1), "an integer >= 1")
     _check(c, "eval.tta", _is_bool, "true or false")
+    _check(c, "eval.precision", _choice(EVAL_PRECISIONS), f"one of {list(EVAL_PRECISIONS)}", optional=True)
     if command != "eval" or OmegaConf.select(c, "eval.calibrate", default=None) is None:
         return  # absent: merged from a checkpoint's eval section, which has no calibrate key
     _check(c, "eval.calibrate", _is_bool, "true or false")
@@ -293,10 +347,13 @@ def _validate_predict(c: DictConfig, command: str) -> None:
     """predict.* and inputs."""
     if command != "predict":
         return
-    if OmegaConf.is_missing(c, "inputs"):
-        raise ConfigError("predict needs inputs=...: an image, a folder, a .tar.gz, a glob, or a list [a.png,dir/]")
-    _check(c, "inputs", lambda v: (isinstance(v, str | int | float) and str(v) != "")  # inputs=2024: a folder
-           or (OmegaConf.is_list(v) and len(v) > 0), "a path, a glob, or a non-empty list of them")
+    _check(c, "predict.split", _choice(("train", "val", "test")), "null or one of train, val, test", optional=True)
+    if OmegaConf.select(c, "predict.split", default=None) is None:
+        if OmegaConf.is_missing(c, "inputs"):
+            raise ConfigError("predict needs inputs=...: an image, a folder, a .tar.gz, a glob, or a list "
+                              "[a.png,dir/] (or predict.split=test: the checkpoint's own test images)")
+        _check(c, "inputs", lambda v: (isinstance(v, str | int | float) and str(v) != "")  # inputs=2024: a folder
+               or (OmegaConf.is_list(v) and len(v) > 0), "a path, a glob, or a non-empty list of them")
     _check(c, "predict.topk", _int_at_least(1), "an integer >= 1")
     _check(c, "predict.batch_size", _int_at_least(1), "an integer >= 1")
     _check(c, "predict.cam", _is_bool, "true or false")
@@ -344,6 +401,15 @@ def _validate_serve(c: DictConfig, command: str) -> None:
     _check(c, "serve.gallery", lambda v: isinstance(v, str) and v != "", "null or a gradcam run dir", optional=True)
     _check(c, "serve.calibration", _a_path,
            "null or a calibration.json / an eval run dir", optional=True)
+
+
+def _validate_look(c: DictConfig, command: str) -> None:
+    """look.*: what `cifar-cam data` draws."""
+    if command != "data":
+        return
+    _check(c, "look.samples_per_class", _int_at_least(1), "an integer >= 1")
+    _check(c, "look.max_classes", _int_at_least(1), "an integer >= 1")
+    _check(c, "look.augmented", _int_at_least(1), "an integer >= 1")
 
 
 def _validate_ckpt(c: DictConfig, command: str) -> None:
@@ -416,6 +482,7 @@ SECTION_VALIDATORS: dict[str, Callable[[DictConfig, str], None]] = {
     "predict": _validate_predict,
     "export": _validate_export,
     "serve": _validate_serve,
+    "look": _validate_look,
 }
 
 

@@ -33,13 +33,15 @@ class Normalizer:
 
 
 class EvalBatches:
-    """Fixed-order batches of one split, normalized on the device; no augmentation."""
+    """Fixed-order batches of one split, normalized on the device with the data's (or the model's) mean and std;
+    no augmentation. The images are read a batch at a time (a memory-mapped split stays on disk)."""
 
-    def __init__(self, arrays: ImageArrays, batch_size: int, device: torch.device) -> None:
-        self.images = torch.from_numpy(arrays.images)
-        self.labels = torch.from_numpy(arrays.labels)
+    def __init__(self, arrays: ImageArrays, batch_size: int, device: torch.device,
+                 mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD) -> None:
+        self.images = arrays.images
+        self.labels = torch.from_numpy(np.array(arrays.labels))
         self.batch_size = batch_size
-        self.normalize = Normalizer(device)
+        self.normalize = Normalizer(device, tuple(mean), tuple(std))
         self.device = device
 
     def __len__(self) -> int:
@@ -48,8 +50,8 @@ class EvalBatches:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for start in range(0, len(self.labels), self.batch_size):
             stop = start + self.batch_size
-            yield (self.normalize(self.images[start:stop]),
-                   self.labels[start:stop].to(self.device, non_blocking=True))
+            batch = torch.from_numpy(np.require(self.images[start:stop], requirements=["C", "W"]))
+            yield self.normalize(batch), self.labels[start:stop].to(self.device, non_blocking=True)
 
 
 def resolve_num_workers(num_workers: int | str) -> int:
@@ -60,10 +62,23 @@ def resolve_num_workers(num_workers: int | str) -> int:
     return int(num_workers)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
-    """The shuffled order of `n` training images in `epoch` (a CPU int64 tensor); both backends use it."""
+def epoch_order(n: int, seed: int, epoch: int, weights: Tensor | None = None) -> Tensor:
+    """The shuffled order of `n` training images in `epoch` (a CPU int64 tensor); both backends use it.
+
+    With `weights` (data.sampler=balanced: 1 / the size of each image's class) the epoch draws `n` images with
+    replacement in proportion to them, so every class comes up as often; seeded alike.
+    """
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    if weights is not None:
+        return torch.multinomial(weights, n, replacement=True, generator=g)
     return torch.randperm(n, generator=g)
+
+
+def balanced_weights(labels: np.ndarray) -> Tensor:
+    """Each image's draw weight under data.sampler=balanced: 1 / the number of images of its class."""
+    labels = np.asarray(labels, np.int64)
+    counts = np.bincount(labels)
+    return torch.from_numpy(1.0 / counts[labels]).double()
 
 
 def shard(order: Tensor, rank: int, world_size: int) -> Tensor:
@@ -91,26 +106,29 @@ def full_batches_end(shard_size: int, batch_size: int, drop_last: bool) -> int:
 
 
 def epoch_image_size(schedule: Sequence[int] | None, epoch: int, full_size: int) -> int:
-    """The training image size of `epoch` (1-based): schedule[epoch - 1] while the schedule lasts, then full size."""
+    """The training image size of `epoch` (1-based): schedule[epoch - 1] while the schedule lasts, then full size.
+    A size is the images' height; their width follows in proportion (the same number for square images)."""
     if schedule and epoch <= len(schedule):
         return int(schedule[epoch - 1])
     return full_size
 
 
 def downscale(images: Tensor, size: int) -> Tensor:
-    """Normalized NCHW batches shrunk to size x size by area averaging (each output pixel the mean of its window).
+    """Normalized NCHW batches shrunk to a height of `size` (the width in proportion) by area averaging (each output
+    pixel the mean of its window).
 
     The convnet is resolution-agnostic up to its global pooling, and its cost grows with the pixel
     count, so small epochs are cheap. Area averaging is cheaper than antialiased bilinear and exact
     for integer factors (figures in docs/benchmarks.md).
     """
-    if images.shape[-1] == size and images.shape[-2] == size:
+    height, width = images.shape[-2], images.shape[-1]
+    if height == size:
         return images
-    return F.interpolate(images, size=(size, size), mode="area")
+    return F.interpolate(images, size=(size, max(1, round(size * width / height))), mode="area")
 
 
 class ResizedBatches:
-    """Wraps training batches (either backend) so that every image comes out at `size` x `size` pixels."""
+    """Wraps training batches (either backend) so that every image comes out `size` pixels high."""
 
     def __init__(self, batches: Iterable[tuple[Tensor, Tensor]], size: int) -> None:
         self.batches, self.size = batches, size

@@ -1,10 +1,11 @@
-"""The one image decoder: training folders (`data=folder`), `predict` inputs and `Predictor` paths.
+"""The one image decoder: training folders (`data=folder`, `data=csv`), `predict` inputs, `serve` uploads and
+`Predictor` paths.
 
-Every image becomes uint8 RGB (size, size, 3): resized with cv2 INTER_AREA to size x size (the
-whole image, stretched if it is not square; no crop). An 8-bit colour or grayscale image without
-transparency goes through exactly what `data=folder` always did (cv2.imdecode IMREAD_COLOR, which
-applies EXIF orientation, INTER_AREA only when the size differs, BGR -> RGB), so cached arrays and
-figures keep their pixels. The others:
+Every image becomes uint8 RGB (H, W, 3) as a `Fit` says (data.image_size and data.resize; the model card carries
+it to predict, serve and the exported files): `stretch` resizes the whole image to H x W, `crop` scales its
+shorter side to fit and cuts the centre, `pad` scales its longer side to fit and letterboxes it on `fill`.
+Shrinking uses cv2 INTER_AREA, enlarging INTER_LINEAR. An 8-bit colour or grayscale image without transparency
+goes through cv2.imdecode IMREAD_COLOR (which applies EXIF orientation) and BGR -> RGB. The others:
 
 - transparency (RGBA, LA, a palette or grayscale with a transparent entry): composited over white;
 - 16 bits per channel (PNG, TIFF): scaled to 8 bits, round(x / 257);
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import io
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -28,8 +29,61 @@ import numpy as np
 from cifar_cam.errors import DataError
 
 # Bumped whenever decode_rgb's pixels change for some image kind: the data cache keys on it.
-# 2: transparency over white, 16-bit scaled by 257, EXIF orientation for 16-bit images (2026-12-02).
-DECODER_VERSION = 2
+# 2: transparency over white, 16-bit scaled by 257, EXIF orientation for 16-bit images.
+# 3: enlarging with INTER_LINEAR (INTER_AREA repeats pixels there); crop and pad.
+DECODER_VERSION = 3
+DEFAULT_FILL = (114, 114, 114)  # pad's letterbox: a mid gray, as the usual letterboxing does
+
+# What decode_image did to an image besides decoding it (a bit each; counted and logged once per data set)
+GRAY, ALPHA, HIGH_DEPTH, UPSCALED, STRETCHED, CROPPED, PADDED = (1 << i for i in range(7))
+CONVERSIONS = {GRAY: "converted from grayscale", ALPHA: "composited from transparency over white",
+               HIGH_DEPTH: "scaled from 16 bits", UPSCALED: "upscaled", STRETCHED: "stretched (aspect ratio changed)",
+               CROPPED: "cropped", PADDED: "padded"}
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How an image of any size becomes the model's input: (height, width), the resize policy, pad's fill."""
+
+    height: int
+    width: int
+    policy: str = "stretch"
+    fill: tuple[int, int, int] = DEFAULT_FILL
+
+    @classmethod
+    def of(cls, size: Any, policy: str = "stretch", fill: Any = DEFAULT_FILL) -> Fit:
+        """From a side (32), [H, W] or a Fit; `fill` a gray level or [R, G, B]."""
+        if isinstance(size, Fit):
+            return size
+        h, w = (int(size), int(size)) if isinstance(size, int | np.integer) else (int(size[0]), int(size[1]))
+        rgb = (int(fill),) * 3 if isinstance(fill, int | float | np.integer) else tuple(int(v) for v in fill)
+        return cls(h, w, str(policy), rgb)  # type: ignore[arg-type]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.height, self.width
+
+    @property
+    def square(self) -> bool:
+        return self.height == self.width
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the model card records: {"size": [H, W], "policy": ..., "fill": [R, G, B]}."""
+        return {"size": [self.height, self.width], "policy": self.policy, "fill": list(self.fill)}
+
+    @classmethod
+    def from_dict(cls, card: dict[str, Any] | None, image_size: Any = 32) -> Fit:
+        """A card's resize entry (older cards have none: their files were made with `stretch`)."""
+        if not card:
+            return cls.of(image_size)
+        return cls.of(card.get("size", image_size), card.get("policy", "stretch"), card.get("fill", DEFAULT_FILL))
+
+    def describe(self) -> str:
+        """'64x96 px, pad on gray 114' for logs and /v1/model."""
+        how = {"stretch": "the whole image resized (stretched if its aspect ratio differs)",
+               "crop": "the shorter side resized, the centre cut out",
+               "pad": f"the longer side resized, letterboxed on RGB {list(self.fill)}"}[self.policy]
+        return f"{self.height}x{self.width} px: {how}"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -40,7 +94,7 @@ _pil_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
-class _Header:
+class Header:
     width: int
     height: int
     format: str
@@ -85,6 +139,12 @@ def _orientation(im: Any) -> int:
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from a JPEG's start-of-frame segment (10x faster than PIL's open), or None."""
+    frame = _jpeg_frame(data)
+    return None if frame is None else frame[:2]
+
+
+def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from a JPEG's start-of-frame segment, or None."""
     i, n = 2, len(data)
     while i + 9 < n:
         if data[i] != 0xFF:
@@ -99,7 +159,8 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOF0..SOF15
             height = int.from_bytes(data[i + 5:i + 7], "big")
             width = int.from_bytes(data[i + 7:i + 9], "big")
-            return (width, height) if width and height else None
+            components = data[i + 9] if i + 9 < n else 3
+            return (width, height, components) if width and height else None
         if marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
             return None
         i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
@@ -120,19 +181,19 @@ def _pil_open(data: bytes) -> Any:
             Image.MAX_IMAGE_PIXELS = limit
 
 
-def _header(data: bytes) -> _Header | None:
+def read_header(data: bytes) -> Header | None:
     """What the header alone says (PIL's lazy open), or None if PIL cannot identify the file."""
     if data[:3] == _JPEG_MAGIC:  # 8-bit, no alpha, and cv2 applies its orientation: only the size matters
-        size = _jpeg_size(data)
-        if size is not None:
-            return _Header(size[0], size[1], "JPEG", "", False, False, 1)
+        frame = _jpeg_frame(data)
+        if frame is not None:
+            return Header(frame[0], frame[1], "JPEG", "L" if frame[2] == 1 else "RGB", False, False, 1)
     try:
         with _pil_open(data) as im:
             width, height = im.size
             mode = im.mode
             transparent = mode in _ALPHA_MODES or "transparency" in im.info
             high_depth = mode in _HIGH_DEPTH_MODES or ";16" in _rawmode(im) or ";32" in _rawmode(im)
-            return _Header(int(width), int(height), str(im.format), mode, transparent, high_depth,
+            return Header(int(width), int(height), str(im.format), mode, transparent, high_depth,
                            _orientation(im))
     except Exception:  # UnidentifiedImageError, or a header so broken that a plugin trips on it
         return None
@@ -140,18 +201,52 @@ def _header(data: bytes) -> _Header | None:
 
 def header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) from the image's header, without decoding its pixels; None if unidentifiable."""
-    h = _header(data)
+    h = read_header(data)
     return None if h is None else (h.width, h.height)
 
 
-def resize_rgb(img: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, C) uint8 -> (size, size, C) with cv2 INTER_AREA; unchanged when already that size."""
-    if img.shape[0] == size and img.shape[1] == size:
-        return img
+def resize_rgb(img: np.ndarray, size: Any) -> np.ndarray:
+    """(h, w, C) uint8 -> the Fit's (H, W, C) (a side or [H, W]: stretched); unchanged when already that size."""
+    return fit_image(img, Fit.of(size))[0]
+
+
+def _resized(img: np.ndarray, height: int, width: int) -> np.ndarray:
     import cv2
 
-    return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    if img.shape[0] == height and img.shape[1] == width:
+        return img
+    shrink = height <= img.shape[0] and width <= img.shape[1]
+    out = cv2.resize(img, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return out[..., None] if out.ndim == 2 else out
 
+
+def fit_image(img: np.ndarray, fit: Fit) -> tuple[np.ndarray, int]:
+    """(h, w, C) uint8 -> (H, W, C) as `fit` says, and the conversion bits it took (UPSCALED, STRETCHED, ...)."""
+    h, w = img.shape[:2]
+    height, width = fit.size
+    flags = UPSCALED if h < height or w < width else 0
+    if (h, w) == (height, width):
+        return img, 0
+    if fit.policy == "stretch":
+        if abs((w / h) / (width / height) - 1) > 0.02:
+            flags |= STRETCHED
+        return _resized(img, height, width), flags
+    scale = max(height / h, width / w) if fit.policy == "crop" else min(height / h, width / w)
+    flags = UPSCALED if scale > 1 else 0
+    new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+    if fit.policy == "crop":
+        new_h, new_w = max(new_h, height), max(new_w, width)
+        scaled = _resized(img, new_h, new_w)
+        top, left = (new_h - height) // 2, (new_w - width) // 2
+        out = scaled[top:top + height, left:left + width]
+        return np.ascontiguousarray(out), flags | (CROPPED if (new_h, new_w) != (height, width) else 0)
+    new_h, new_w = min(new_h, height), min(new_w, width)
+    scaled = _resized(img, new_h, new_w)
+    out = np.empty((height, width, img.shape[2]), np.uint8)
+    out[...] = np.asarray(fit.fill[: img.shape[2]], np.uint8)
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    out[top:top + new_h, left:left + new_w] = scaled
+    return out, flags | (PADDED if (new_h, new_w) != (height, width) else 0)
 
 def _oriented(img: np.ndarray, orientation: int) -> np.ndarray:
     """`img` turned upright for an EXIF orientation (what PIL's ImageOps.exif_transpose does)."""
@@ -204,7 +299,7 @@ def _to_8bit(img: np.ndarray, name: str) -> np.ndarray:
                     "convert it to 8-bit PNG or JPEG")
 
 
-def _from_cv2_unchanged(data: bytes, name: str, header: _Header) -> np.ndarray | None:
+def _from_cv2_unchanged(data: bytes, name: str, header: Header) -> np.ndarray | None:
     """16-bit (or float) images, read as stored by cv2 -> uint8 RGB; None if cv2 cannot read them."""
     import cv2
 
@@ -239,25 +334,35 @@ def _too_big(name: str, width: int, height: int, max_pixels: int) -> DataError:
                      f"predict.max_pixels={max_pixels:,}; shrink it or raise predict.max_pixels")
 
 
-def _check_decoded(img: np.ndarray, name: str, max_pixels: int | None, header: _Header | None) -> None:
+def _check_decoded(img: np.ndarray, name: str, max_pixels: int | None, header: Header | None) -> None:
     """The guard for a format whose header PIL cannot read: checked after decoding (cv2 caps at 2**30)."""
     if max_pixels is not None and header is None and img.shape[0] * img.shape[1] > max_pixels:
         raise _too_big(name, img.shape[1], img.shape[0], max_pixels)
 
 
-def decode_rgb(data: bytes, name: str, size: int, max_pixels: int | None = None) -> np.ndarray:
-    """Encoded image bytes -> uint8 RGB (size, size, 3). See the module docstring for what happens to
-    grayscale, transparent, 16-bit and EXIF-rotated images.
+def decode_rgb(data: bytes, name: str, size: Any, max_pixels: int | None = None) -> np.ndarray:
+    """Encoded image bytes -> uint8 RGB (H, W, 3) as `size` says (a side, [H, W] or a Fit). See the module
+    docstring for what happens to grayscale, transparent, 16-bit and EXIF-rotated images.
 
     `name` is used in errors only. With `max_pixels`, an image whose header says width x height is more
     than that is refused (DataError) before it is decoded. A file that is no image or is corrupt raises
     DataError naming it.
     """
+    return decode_image(data, name, Fit.of(size), max_pixels)[0]
+
+
+def decode_image(data: bytes, name: str, fit: Fit, max_pixels: int | None = None) -> tuple[np.ndarray, int]:
+    """decode_rgb, with the conversion bits of what it took (GRAY, ALPHA, HIGH_DEPTH, UPSCALED, ...)."""
     import cv2
 
-    header = None if max_pixels is None and data[:3] == _JPEG_MAGIC else _header(data)
+    header = read_header(data)
     if max_pixels is not None and header is not None and header.width * header.height > max_pixels:
         raise _too_big(name, header.width, header.height, max_pixels)
+    flags = 0
+    if header is not None:
+        flags |= GRAY if header.mode in ("L", "LA", "La", "1", "I", "I;16", "I;16B", "I;16L", "I;16N", "F") else 0
+        flags |= ALPHA if header.transparent else 0
+        flags |= HIGH_DEPTH if header.high_depth else 0
     img: np.ndarray | None = None
     try:
         if header is not None and header.high_depth:
@@ -266,11 +371,12 @@ def decode_rgb(data: bytes, name: str, size: int, max_pixels: int | None = None)
                 img = _from_pil(data)
         elif header is not None and header.transparent:
             img = _from_pil(data)
-        else:  # 8-bit colour or gray, no transparency: exactly today's data=folder pixels
+        else:  # 8-bit colour or gray, no transparency
             bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
             if bgr is not None:
                 _check_decoded(bgr, name, max_pixels, header)
-                return cv2.cvtColor(resize_rgb(bgr, size), cv2.COLOR_BGR2RGB)
+                fitted, more = fit_image(bgr, replace(fit, fill=fit.fill[::-1]))  # pad's fill in BGR too
+                return cv2.cvtColor(fitted, cv2.COLOR_BGR2RGB), flags | more
             if header is not None:  # PIL knows the format and cv2 does not
                 img = _from_pil(data)
     except DataError:
@@ -281,4 +387,11 @@ def decode_rgb(data: bytes, name: str, size: int, max_pixels: int | None = None)
     if img is None:
         raise DataError(f"cannot decode image {name}: not an image file or corrupt; remove or replace it")
     _check_decoded(img, name, max_pixels, header)
-    return resize_rgb(img, size)
+    fitted, more = fit_image(img, fit)
+    return fitted, flags | more
+
+
+def conversion_counts(flags: np.ndarray) -> dict[str, int]:
+    """{what: how many images} of an array of conversion bits, the kinds that happened only."""
+    return {text: int(np.count_nonzero(flags & bit)) for bit, text in CONVERSIONS.items()
+            if np.count_nonzero(flags & bit)}

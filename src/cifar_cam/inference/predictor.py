@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cifar_cam.data.arrays import CIFAR10_MEAN, CIFAR10_STD
+from cifar_cam.data.decode import Fit
 from cifar_cam.errors import CheckpointError, ConfigError
 from cifar_cam.explain.calibration import Calibration, read_calibration, softmax
 from cifar_cam.inference import contract
@@ -75,9 +77,10 @@ class _Backend:
 class _TorchBackend(_Backend):
     layers = LAYERS
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> None:
-        self.model, self.device, self.amp_dtype = model, device, amp_dtype
-        self.deployed = contract.DeployedModel(model).to(device).eval()
+    def __init__(self, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
+                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.model, self.device, self.amp_dtype, self.mean, self.std = model, device, amp_dtype, mean, std
+        self.deployed = contract.DeployedModel(model, mean, std).to(device).eval()
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
@@ -90,7 +93,7 @@ class _TorchBackend(_Backend):
         from cifar_cam.data.batches import Normalizer
         from cifar_cam.explain.cam import GradCAM
 
-        x = Normalizer(self.device)(torch.from_numpy(np.ascontiguousarray(images)))
+        x = Normalizer(self.device, self.mean, self.std)(torch.from_numpy(np.ascontiguousarray(images)))
         with GradCAM(self.model, [layer]) as cam:
             return cam(x, targets=torch.as_tensor(classes))[layer].numpy()
 
@@ -137,10 +140,11 @@ class Predictor:
     `Calibration`, or None for T = 1) sets the temperature of the probabilities.
     """
 
-    def __init__(self, backend: _Backend, classes: Sequence[str], image_size: int, fc_weight: np.ndarray,
+    def __init__(self, backend: _Backend, classes: Sequence[str], fit: Fit, fc_weight: np.ndarray,
                  source: str, kind: str, batch_size: int = 256, card: dict[str, Any] | None = None,
                  max_pixels: int | None = MAX_PIXELS, calibration: Calibration | None = None) -> None:
-        self.backend, self.classes, self.image_size = backend, list(classes), int(image_size)
+        self.backend, self.classes, self.fit = backend, list(classes), Fit.of(fit)
+        self.image_size = self.fit.size  # (height, width) of the model's input
         self.fc_weight, self.source, self.kind, self.batch_size = fc_weight, source, kind, int(batch_size)
         self.card, self.max_pixels = card or {}, max_pixels
         if calibration is not None and calibration.classes is not None and calibration.classes != self.classes:
@@ -163,12 +167,14 @@ class Predictor:
         return 1.0 if self.calibration is None else self.calibration.temperature
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, classes: Sequence[str], image_size: int = 32,
-                   batch_size: int = 256, calibration: Calibration | None = None) -> Predictor:
-        """A Predictor around an eager model already in memory (CPU, fp32): notebooks, benchmarks."""
-        backend = _TorchBackend(model.eval(), torch.device("cpu"), None)
-        return cls(backend, classes, image_size, contract.classifier_of(model)["weight"], "in memory", "torch",
-                   batch_size, calibration=calibration)
+    def from_model(cls, model: torch.nn.Module, classes: Sequence[str], image_size: Any = 32,
+                   batch_size: int = 256, calibration: Calibration | None = None,
+                   mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD) -> Predictor:
+        """A Predictor around an eager model already in memory (CPU, fp32): notebooks, benchmarks; `image_size` a
+        side, [H, W] or a Fit, `mean` / `std` the normalization it was trained with."""
+        backend = _TorchBackend(model.eval(), torch.device("cpu"), None, tuple(mean), tuple(std))
+        return cls(backend, classes, Fit.of(image_size), contract.classifier_of(model)["weight"], "in memory",
+                   "torch", batch_size, calibration=calibration)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", batch_size: int = 256,
@@ -178,31 +184,28 @@ class Predictor:
         image files over `max_pixels` are refused from their header; raises CheckpointError (one line) for
         anything else. `calibration`: a calibration.json or the eval run dir holding it (ConfigError if it
         is not one); without it, an exported file's card may carry a temperature (`export.calibration`)."""
-        from cifar_cam.config.validate import image_size
-
         if calibration is not None and not isinstance(calibration, Calibration):
             calibration = read_calibration(calibration)  # a bad file: one line before the model loads
         p = Path(path).expanduser()
         if not p.exists():
             raise CheckpointError(f"ckpt={p} does not exist; pass a train run dir, a .pt, .onnx or .pt2 file")
         if p.is_dir() or p.suffix == ".pt":
-            from cifar_cam.training.checkpoint import cached_checkpoint, model_from_checkpoint
+            from cifar_cam.training.checkpoint import cached_checkpoint, fit_of, model_from_checkpoint, normalization_of
             from cifar_cam.training.device import resolve_device, resolve_precision
 
             payload = cached_checkpoint(p, "best")
             dev = resolve_device(str(device)) if not isinstance(device, torch.device) else device
             model = model_from_checkpoint(payload).to(dev, memory_format=torch.channels_last).eval()  # as eval
-            from omegaconf import OmegaConf
-
-            size = image_size(OmegaConf.create(payload["config"]))
-            backend = _TorchBackend(model, dev, resolve_precision(precision, dev))
-            card = {"classes": list(payload["classes"]), "image_size": size}
+            fit, (mean, std) = fit_of(payload), normalization_of(payload)
+            backend = _TorchBackend(model, dev, resolve_precision(precision, dev), mean, std)
+            card = {"classes": list(payload["classes"]), "image_size": list(fit.size), "resize": fit.to_dict(),
+                    "mean": list(mean), "std": list(std)}
             if calibration is not None:  # to tell whether the temperature was fitted on this very checkpoint
                 from cifar_cam.io import sha256
 
                 card["source"] = {"checkpoint": str(payload["path"]), "sha256": sha256(payload["path"])}
-            return cls(backend, payload["classes"], size, contract.classifier_of(model)["weight"], str(payload["path"]),
-                       "torch", batch_size, card, max_pixels, calibration)
+            return cls(backend, payload["classes"], fit, contract.classifier_of(model)["weight"],
+                       str(payload["path"]), "torch", batch_size, card, max_pixels, calibration)
         if p.suffix not in (".onnx", ".pt2"):
             raise CheckpointError(f"ckpt={p}: unknown model format '{p.suffix}'; cifar-cam reads a train run dir, "
                                   f"{', '.join(SUFFIXES)}")
@@ -218,31 +221,33 @@ class Predictor:
                 raise CheckpointError(f"ckpt={p} is not a loadable torch.export file ({type(e).__name__})") from None
         if calibration is None:
             calibration = _card_calibration(card, p)
-        return cls(backend, card["classes"], card["image_size"], np.asarray(fc["weight"]), str(p),
-                   p.suffix[1:], batch_size, card, max_pixels, calibration)
+        fit = Fit.from_dict(card.get("resize"), card["image_size"])  # older cards: stretch to image_size
+        return cls(backend, card["classes"], fit, np.asarray(fc["weight"]), str(p), p.suffix[1:], batch_size, card,
+                   max_pixels, calibration)
 
     # -- images ------------------------------------------------------------------------------------
     def prepare(self, images: np.ndarray | Sequence[np.ndarray | str | Path]) -> np.ndarray:
-        """uint8 (N, S, S, 3) at the model's size from uint8 RGB arrays (N, H, W, 3) / a list of (H, W, 3)
-        arrays of any size, or file paths (decoded as `data=folder` decodes)."""
-        from cifar_cam.data.decode import decode_rgb, resize_rgb
+        """uint8 (N, H, W, 3) at the model's size from uint8 RGB arrays (N, h, w, 3) / a list of (h, w, 3)
+        arrays of any size, or file paths: made to fit as the model's training images were (its card's size and
+        resize policy; files decoded as `data=folder` decodes them)."""
+        from cifar_cam.data.decode import decode_rgb, fit_image
 
-        s = self.image_size
+        h, w = self.fit.size
         if isinstance(images, np.ndarray) and images.ndim == 4:
             if images.dtype != np.uint8 or images.shape[-1] != 3:
                 raise ValueError(f"images must be uint8 RGB (N, H, W, 3), got {images.dtype} {images.shape}")
-            if images.shape[1:3] == (s, s):
+            if images.shape[1:3] == (h, w):
                 return images
-            return np.stack([resize_rgb(im, s) for im in images]) if len(images) else images[:, :s, :s]
-        out = np.empty((len(images), s, s, 3), np.uint8)
+            return np.stack([fit_image(im, self.fit)[0] for im in images]) if len(images) else images[:, :h, :w]
+        out = np.empty((len(images), h, w, 3), np.uint8)
         for i, item in enumerate(images):
             if isinstance(item, str | Path):
-                out[i] = decode_rgb(Path(item).read_bytes(), str(item), s, max_pixels=self.max_pixels)
+                out[i] = decode_rgb(Path(item).read_bytes(), str(item), self.fit, max_pixels=self.max_pixels)
             else:
                 array = np.asarray(item)
                 if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
                     raise ValueError(f"image {i} must be uint8 RGB (H, W, 3), got {array.dtype} {array.shape}")
-                out[i] = resize_rgb(array, s)
+                out[i] = fit_image(array, self.fit)[0]
         return out
 
     # -- predictions -------------------------------------------------------------------------------
@@ -270,7 +275,7 @@ class Predictor:
 
     def cam(self, images: np.ndarray | Sequence[np.ndarray | str | Path], layer: str = "layer4",
             targets: Sequence[int] | None = None) -> np.ndarray:
-        """Grad-CAM maps (N, S, S) in [0, 1] of the predicted class (or `targets`) at `layer`."""
+        """Grad-CAM maps (N, H, W) in [0, 1] of the predicted class (or `targets`) at `layer`."""
         if layer not in self.backend.layers:
             raise ConfigError(f"layer={layer}: a {self.kind} model gives CAM at {', '.join(self.backend.layers)} only"
                               + ("; use the .pt checkpoint for other layers" if self.kind != "torch" else ""))
@@ -281,4 +286,4 @@ class Predictor:
             classes = (np.asarray(targets[i:i + len(part)]) if targets is not None
                        else self.backend.run(part)[0].argmax(axis=1))
             out.append(self.backend.cam(part, layer, classes, self.fc_weight))
-        return np.concatenate(out) if out else np.zeros((0, self.image_size, self.image_size), np.float32)
+        return np.concatenate(out) if out else np.zeros((0, *self.fit.size), np.float32)

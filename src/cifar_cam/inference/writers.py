@@ -43,16 +43,20 @@ CALIBRATION_BATCH = 64
 Check = Callable[[Path], None]
 
 
-def deployed(model: nn.Module) -> contract.DeployedModel:
-    """`model` wrapped in the deployed contract, as exported: a CPU fp32 NCHW copy in eval mode (the caller's
-    model is not moved or changed)."""
-    module = model if isinstance(model, contract.DeployedModel) else contract.DeployedModel(model)
+def deployed(model: nn.Module, mean: tuple[float, ...] | None = None,
+             std: tuple[float, ...] | None = None) -> contract.DeployedModel:
+    """`model` wrapped in the deployed contract (its normalization inside: `mean` / `std`, CIFAR-10's by default),
+    as exported: a CPU fp32 NCHW copy in eval mode (the caller's model is not moved or changed)."""
+    norm = {} if mean is None or std is None else {"mean": tuple(mean), "std": tuple(std)}
+    module = model if isinstance(model, contract.DeployedModel) else contract.DeployedModel(model, **norm)
     return copy.deepcopy(module).cpu().float().to(memory_format=torch.contiguous_format).eval()
 
 
-def example_input(image_size: int, batch: int = 2) -> torch.Tensor:
-    """A uint8 (batch, S, S, 3) example for tracing; 2, not 1: a size-1 dimension would be specialized."""
-    return torch.randint(0, 256, (batch, image_size, image_size, 3), dtype=torch.uint8,
+def example_input(image_size: int | tuple[int, int], batch: int = 2) -> torch.Tensor:
+    """A uint8 (batch, H, W, 3) example for tracing (a side or (H, W)); 2, not 1: a size-1 dimension would be
+    specialized."""
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    return torch.randint(0, 256, (batch, height, width, 3), dtype=torch.uint8,
                          generator=torch.Generator().manual_seed(0))
 
 
@@ -92,7 +96,7 @@ def _json(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"))
 
 
-def to_onnx(model: nn.Module, path: str | Path, image_size: int, card: dict[str, Any],
+def to_onnx(model: nn.Module, path: str | Path, image_size: int | tuple[int, int], card: dict[str, Any],
             fc: dict[str, Any] | None = None, opset: int = 18, check: Check | None = None) -> Path:
     """`model` as ONNX at `path`: input `images` uint8 [batch, S, S, 3] (batch dynamic), outputs `logits`,
     `features`; the card and classifier in metadata_props. `check(temp_path)` runs before the rename."""
@@ -125,7 +129,7 @@ def _set_metadata(proto: Any, card: dict[str, Any], fc: dict[str, Any]) -> None:
         prop.key, prop.value = key, value
 
 
-def to_pt2(model: nn.Module, path: str | Path, image_size: int, card: dict[str, Any],
+def to_pt2(model: nn.Module, path: str | Path, image_size: int | tuple[int, int], card: dict[str, Any],
            fc: dict[str, Any] | None = None, check: Check | None = None) -> Path:
     """`model` as a torch.export program at `path` (batch dynamic); the card and classifier as extra files."""
     module = deployed(model)

@@ -51,7 +51,7 @@ def model_info(predictor: Predictor, settings: Settings) -> dict[str, Any]:
     accuracy = card.get("test_accuracy")
     if accuracy is None and predictor.kind == "torch" and Path(predictor.source).is_file():
         accuracy = stored_test_accuracy(Path(predictor.source))
-    s = predictor.image_size
+    fit = predictor.fit
     return {
         "id": f"sha256:{file_sha[:16]}" if file_sha else "in-memory",
         "source": predictor.source,
@@ -60,10 +60,11 @@ def model_info(predictor: Predictor, settings: Settings) -> dict[str, Any]:
         "kind": predictor.kind,
         "classes": list(predictor.classes),
         "num_classes": len(predictor.classes),
-        "image_size": s,
+        "image_size": fit.height if fit.square else [fit.height, fit.width],
+        "input_size": [fit.height, fit.width],
+        "resize": fit.to_dict(),
         "input": {"formats": FORMATS, "as": "multipart field 'file' (batch: 'files') or the raw request body",
-                  "decoded_to": f"uint8 RGB {s}x{s}: the whole image resized (cv2 INTER_AREA, stretched, no crop); "
-                                "transparency over white, EXIF orientation applied",
+                  "decoded_to": f"uint8 RGB {fit.describe()}; transparency over white, EXIF orientation applied",
                   "max_upload_mb": settings.max_upload_mb, "max_pixels": settings.max_pixels,
                   "max_batch_images": settings.max_batch_images},
         "cam_layers": list(predictor.backend.layers),
@@ -81,19 +82,19 @@ def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAP
     settings = settings or Settings()
     info = model_info(predictor, settings)
     batcher = Batcher(predictor, settings.max_batch, settings.max_wait_ms)
-    size = predictor.image_size
+    height, width = predictor.image_size
     gallery = load_gallery(settings.gallery) if settings.gallery else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         batcher.start()
-        await batcher.run(predictor.logits, np.zeros((1, size, size, 3), np.uint8))  # warm-up
+        await batcher.run(predictor.logits, np.zeros((1, height, width, 3), np.uint8))  # warm-up
         yield
         await batcher.stop()
 
     app = FastAPI(title="cifar-cam serve", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
-                  description=f"A {predictor.kind} CIFAR classifier ({len(predictor.classes)} classes, "
-                              f"{size}x{size} px) with Grad-CAM. Every error is JSON {{\"detail\": message}}.")
+                  description=f"A {predictor.kind} image classifier ({len(predictor.classes)} classes, "
+                              f"{height}x{width} px) with Grad-CAM. Every error is JSON {{\"detail\": message}}.")
     app.state.predictor, app.state.settings, app.state.batcher, app.state.info = predictor, settings, batcher, info
     app.state.gallery = gallery
     if settings.api_key:

@@ -149,7 +149,7 @@ class Answers:
 
     def __init__(self, predictor: Predictor, settings: Settings, batcher: Batcher, model_id: str) -> None:
         self.predictor, self.settings, self.batcher, self.model_id = predictor, settings, batcher, model_id
-        self.n_classes, self.size = len(predictor.classes), predictor.image_size
+        self.n_classes, self.fit = len(predictor.classes), predictor.fit
 
     def check_query(self, topk: int | None, cam: bool, layer: str) -> tuple[int, str | None]:
         """(k, the CAM layer or None) of a request's query; ApiError 422 for one the model cannot answer."""
@@ -168,7 +168,7 @@ class Answers:
 
     async def image(self, data: bytes, name: str) -> np.ndarray:
         """An upload decoded to the model's input size (off the event loop); ApiError for a bad one."""
-        return await asyncio.to_thread(load_image, data, name, self.size, self.settings.max_pixels)
+        return await asyncio.to_thread(load_image, data, name, self.fit, self.settings.max_pixels)
 
     async def answer(self, pixels: np.ndarray, k: int, layer: str | None) -> dict[str, Any]:
         """Top-k classes of one image (and its CAM overlay at `layer`), through the batcher."""

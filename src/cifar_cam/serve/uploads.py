@@ -13,7 +13,7 @@ import numpy as np
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
-from cifar_cam.data.decode import decode_rgb, header_size
+from cifar_cam.data.decode import Fit, decode_rgb, header_size
 from cifar_cam.errors import DataError
 from cifar_cam.serve.settings import FORMATS, ApiError
 
@@ -111,8 +111,9 @@ def parse_multipart(body: bytes, content_type: str, max_parts: int) -> list[Part
     return parts
 
 
-def load_image(data: bytes, name: str, size: int, max_pixels: int) -> np.ndarray:
-    """Upload bytes -> uint8 RGB (size, size, 3), or ApiError 422 (empty), 415 (not an image), 413 (too many
+def load_image(data: bytes, name: str, fit: Fit, max_pixels: int) -> np.ndarray:
+    """Upload bytes -> uint8 RGB at the model's input as its card says (`fit`), or ApiError 422 (empty), 415 (not
+    an image), 413 (too many
     pixels, from the header alone) or 400 (corrupt)."""
     if not data:
         raise ApiError(422, f"{name} is empty; send an image file ({FORMATS})")
@@ -122,9 +123,9 @@ def load_image(data: bytes, name: str, size: int, max_pixels: int) -> np.ndarray
     w, h = wh
     if w * h > max_pixels:
         raise ApiError(413, f"{name} is {w}x{h} ({w * h:,} pixels), over serve.max_pixels={max_pixels:,}; "
-                            f"shrink it (the model sees {size}x{size}) or raise serve.max_pixels")
+                            f"shrink it (the model sees {fit.height}x{fit.width}) or raise serve.max_pixels")
     try:
-        return decode_rgb(data, name, size, max_pixels=max_pixels)
+        return decode_rgb(data, name, fit, max_pixels=max_pixels)
     except DataError as e:
         raise ApiError(400, str(e).replace("remove or replace it", "send the complete, intact file")) from None
 

@@ -24,12 +24,13 @@ from cifar_cam.logs import console, percent
 from cifar_cam.tasks.common import (
     checkpoint_and_config,
     checkpoint_model,
+    eval_precision,
     load_data,
     run_dir,
     setup_runtime,
     test_logits,
 )
-from cifar_cam.training.checkpoint import check_classes
+from cifar_cam.training.checkpoint import check_classes, normalization_of
 from cifar_cam.training.device import resolve_precision
 from cifar_cam.training.engine import SplitLogits, collect_logits, metrics_from, misclassified
 
@@ -38,7 +39,7 @@ log = logging.getLogger("cifar_cam.eval")
 
 # What decides which training images were held out as val: the run's own values, or the "val" split would
 # hold images the model was trained on
-VAL_SPLIT_KEYS = ("seed", "data.source", "data.val_size", "data.train_size")
+VAL_SPLIT_KEYS = ("data.source", "data.val_size", "data.train_size")  # the seed: the checkpoint's own, always
 
 
 def check_val_split(cfg: DictConfig, payload: dict[str, Any]) -> None:
@@ -80,7 +81,7 @@ def eval_(cfg: DictConfig) -> float:
     if calibrating:
         check_val_split(cfg, payload)
     device = setup_runtime(cfg)
-    splits = load_data(cfg)
+    splits = load_data(cfg, payload, out).normalized_as(*normalization_of(payload))  # the run's data, as trained
     check_classes(payload, splits)
     model = checkpoint_model(payload, device)
     predictions = test_logits(model, splits, cfg, device, tta=cfg.eval.tta)
@@ -94,13 +95,15 @@ def eval_(cfg: DictConfig) -> float:
         "per_class_accuracy": dict(zip(splits.classes, result.per_class_acc, strict=True)),
         "confusion_matrix": result.confusion.tolist(),
         "checkpoint": payload["path"], "checkpoint_epoch": payload["epoch"], "tta": cfg.eval.tta,
+        "precision": eval_precision(cfg),  # what accuracy was computed at (eval.precision)
         "reliability": curves["as trained (T = 1)"].to_dict(),
     }
     fitted = None
     if calibrating:
         assert splits.val is not None  # config.py refuses data.val_size=0 with eval.calibrate
-        val = collect_logits(model, EvalBatches(splits.val, cfg.eval.batch_size, device), device=device,
-                      amp_dtype=resolve_precision(cfg.trainer.precision, device), tta=cfg.eval.tta)
+        val_batches = EvalBatches(splits.val, cfg.eval.batch_size, device, splits.mean, splits.std)
+        val = collect_logits(model, val_batches, device=device,
+                             amp_dtype=resolve_precision(eval_precision(cfg), device), tta=cfg.eval.tta)
         fitted = calibrate(predictions, val, splits, cfg, payload)
         t = fitted["temperature"]
         curves[f"calibrated (T = {t:.3g})"] = after = cal.reliability(logits, labels, t)
@@ -132,8 +135,9 @@ def eval_(cfg: DictConfig) -> float:
         table.add_row(name, percent(result.per_class_acc[c]), str(int(result.confusion[c].sum())),
                       f"{classes[other]} ({confused})" if confused else "-")
     console().print(table)
-    log.info("test accuracy %s, loss %.4f on %d images (%s, epoch %d)%s; wrote %s", percent(result.acc),
-             result.loss, result.n, payload["path"], payload["epoch"], ", flip TTA" if cfg.eval.tta else "", out)
+    log.info("test accuracy %s, loss %.4f on %d images (%s, epoch %d; %s%s); wrote %s", percent(result.acc),
+             result.loss, result.n, payload["path"], payload["epoch"], eval_precision(cfg),
+             ", flip TTA" if cfg.eval.tta else "", out)
     if fitted is None:
         log.info("test ECE %s (top-label, %d bins), NLL %.4f; eval.calibrate=true fits a temperature on val",
                  percent(metrics["ece"]), cal.ECE_BINS, metrics["nll"])

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from cifar_cam.config.validate import image_size
-from cifar_cam.data.arrays import CIFAR10_MEAN, CIFAR10_STD, DataSplits
+from cifar_cam.data.arrays import DataSplits
 from cifar_cam.errors import CifarCamError, ConfigError, DataError
 from cifar_cam.explain.calibration import Calibration, read_calibration
 from cifar_cam.inference import contract, readers, writers
@@ -32,7 +31,13 @@ from cifar_cam.io import atomic_path, sha256, write_json
 from cifar_cam.logs import percent
 from cifar_cam.provenance import package_version
 from cifar_cam.tasks.common import checkpoint_and_config, load_data, run_dir, setup_runtime
-from cifar_cam.training.checkpoint import check_classes, model_from_checkpoint, stored_test_accuracy
+from cifar_cam.training.checkpoint import (
+    check_classes,
+    fit_of,
+    model_from_checkpoint,
+    normalization_of,
+    stored_test_accuracy,
+)
 
 log = logging.getLogger("cifar_cam.export")
 
@@ -54,29 +59,34 @@ def model_card(payload: dict[str, Any], cfg: DictConfig, module: contract.Deploy
                calibration: Calibration | None = None) -> dict[str, Any]:
     """What a deployed file says about itself (the ONNX metadata, the .pt2's extra file, model_card.json);
     with `calibration`, the temperature its probabilities take."""
-    size = image_size(cfg)
+    fit = fit_of(payload)
+    height, width = fit.size
     with torch.inference_mode():
-        _, features = module(torch.zeros(1, size, size, 3, dtype=torch.uint8))
+        _, features = module(torch.zeros(1, height, width, 3, dtype=torch.uint8))
     path = Path(payload["path"]).resolve()
     classes = list(payload["classes"])
+    mean, std = normalization_of(payload)
+    accuracy, precision = stored_test_accuracy(path, with_precision=True)
     return {
         "format_version": contract.FORMAT_VERSION,
         "classes": classes,
         "num_classes": len(classes),
         "architecture": {"name": cfg.model.name, "width": int(cfg.model.width)},
-        "image_size": size,
+        "image_size": height if fit.square else [height, width],
+        "resize": fit.to_dict(),  # how any image becomes the input: predict and serve do the same
         "input": {"name": contract.INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "color": "RGB",
-                  "shape": [None, size, size, 3], "range": [0, 255]},
+                  "shape": [None, height, width, 3], "range": [0, 255]},
         "outputs": [
             {"name": "logits", "dtype": "float32", "shape": [None, len(classes)]},
             {"name": "features", "dtype": "float32", "shape": [None, *features.shape[1:]], "layer": "layer4"},
         ],
-        "mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD),
+        "mean": list(mean), "std": list(std),
         "normalization": "inside the model: (pixels / 255 - mean) / std, NHWC -> NCHW",
         "cam": f"CAM of class c = relu(sum_k {contract.FC_KEY}.weight[c, k] * features[k]), min-max scaled, "
                "bilinearly resized to the input: equals Grad-CAM at layer4",
         "source": {"checkpoint": str(path), "sha256": sha256(path), "epoch": payload.get("epoch")},
-        "test_accuracy": stored_test_accuracy(path),
+        "test_accuracy": accuracy,
+        "test_accuracy_precision": precision,  # what the run's test was computed at (eval.precision)
         "opset": int(cfg.export.opset),
         "versions": versions(),
         "checked": checked,
@@ -157,7 +167,7 @@ def _load(cfg: DictConfig, payload: dict[str, Any]) -> DataSplits | None:
     if not check and not quantize:
         return None
     try:
-        splits = load_data(cfg)
+        splits = load_data(cfg, payload)  # the checkpoint's own split: its test images, its training images
     except DataError as e:
         if check:
             raise DataError(f"cannot check the exported model on the checkpoint's test set: {e}; "
@@ -180,8 +190,8 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"export.calibration={e.calibration} was fitted for other classes than ckpt={cfg.ckpt}'s; "
                           "calibrate this checkpoint (cifar-cam eval ckpt=... eval.calibrate=true)")
     formats = list(dict.fromkeys(e.formats))
-    size = image_size(cfg)
-    model = writers.deployed(model_from_checkpoint(payload))  # CPU fp32 NCHW, eval
+    size = fit_of(payload).size
+    model = writers.deployed(model_from_checkpoint(payload), *normalization_of(payload))  # CPU fp32 NCHW, eval
     splits = _load(cfg, payload)
     checked = bool(e.check)
     card = model_card(payload, cfg, model, checked, scaling)

@@ -30,7 +30,7 @@ from cifar_cam.tasks.common import (
     setup_runtime,
     test_logits,
 )
-from cifar_cam.training.checkpoint import check_classes
+from cifar_cam.training.checkpoint import check_classes, normalization_of
 from cifar_cam.training.engine import misclassified
 
 log = logging.getLogger("cifar_cam.gradcam")
@@ -74,6 +74,16 @@ def image_panels(out: Path, images: np.ndarray, maps: dict[str, np.ndarray], ind
             "explained": classes[int(explained[rank])], "files": files,
         })
     return entries
+
+
+def warn_small_layers(model: torch.nn.Module, image: torch.Tensor, layers: list[str]) -> None:
+    """One warning line for a CAM layer whose map is smaller than 2x2 at these images' size: one value an image."""
+    for name, act in channel_mean_activations(model, image, layers).items():
+        h, w = act.shape[-2:]
+        if h < 2 or w < 2:
+            log.warning("gradcam: %s is %dx%d at %dx%d images, so its map is a single value an image; an earlier "
+                        "layer (gradcam.target_layers) keeps more of where the model looked", name, h, w,
+                        image.shape[-2], image.shape[-1])
 
 
 def class_labels(names: list[str] | None, classes: list[str]) -> list[int] | None:
@@ -171,7 +181,7 @@ def gradcam(cfg: DictConfig) -> float:
     device = setup_runtime(cfg)
     model = checkpoint_model(payload, device)
     resolve_layers(model, layers)  # unknown layer names fail before the data loads, not after the test pass
-    splits = load_data(cfg)
+    splits = load_data(cfg, payload, out).normalized_as(*normalization_of(payload))  # the run's data, as trained
     check_classes(payload, splits)
     classes = splits.classes
     wanted = class_labels(list(g.classes) if g.get("classes") else None, classes)  # a bad name: before the test pass
@@ -206,7 +216,8 @@ def gradcam(cfg: DictConfig) -> float:
         return accuracy
 
     images = splits.test.images[rows.numpy()]                   # (n, H, W, 3) uint8, for drawing
-    x = Normalizer(device)(torch.from_numpy(images))            # what the model sees
+    x = Normalizer(device, splits.mean, splits.std)(torch.from_numpy(np.ascontiguousarray(images)))  # the model's view
+    warn_small_layers(model, x[:1], layers)
     true, pred = predictions.labels[rows], predictions.predicted[rows]
     confidence = predictions.confidence[rows]
     explained = true if g.target else pred

@@ -27,7 +27,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from cifar_cam import viz
-from cifar_cam.data.decode import decode_rgb
+from cifar_cam.data.decode import Fit, decode_rgb
 from cifar_cam.errors import CifarCamError, DataError
 from cifar_cam.inference.inputs import Input, find_inputs
 from cifar_cam.inference.predictor import Predictor
@@ -52,7 +52,7 @@ class Batch:
     errors: dict[int, str]      # position -> why it could not be read
 
 
-def decoded_batches(inputs: list[Input], batch_size: int, size: int, max_pixels: int, threads: int
+def decoded_batches(inputs: list[Input], batch_size: int, size: Fit, max_pixels: int, threads: int
                     ) -> Iterator[Batch]:
     """Batches read (in order, one thread) and decoded (a pool) one batch ahead of the consumer; memory: about
     three batches. Close the generator (contextlib.closing) to stop the thread early."""
@@ -86,7 +86,7 @@ def decoded_batches(inputs: list[Input], batch_size: int, size: int, max_pixels:
                     results = list(pool.map(decode, chunk, raw))
                     ok = [i for i, r in enumerate(results) if isinstance(r, np.ndarray)]
                     pixels = (np.stack([results[i] for i in ok]) if ok  # type: ignore[misc]
-                              else np.zeros((0, size, size, 3), np.uint8))
+                              else np.zeros((0, *size.size, 3), np.uint8))
                     errors = {i: r for i, r in enumerate(results) if isinstance(r, str)}
                     ready.put(Batch(chunk, pixels, ok, errors))
             ready.put(None)
@@ -127,17 +127,17 @@ def predict_images(cfg: DictConfig) -> float:
 
         raise ConfigError(f"predict.layer={p.layer}: a {predictor.kind} model gives CAM at layer4 only; "
                           "pass predict.layer=layer4 or ckpt=<the .pt checkpoint>")
-    inputs = find_inputs(cfg.inputs)
+    inputs = split_inputs(cfg.ckpt, p.split) if p.get("split") else find_inputs(cfg.inputs)
     classes = set(predictor.classes)
-    log.info("model: %s (%s, %d classes, %d px); %d images", predictor.source, predictor.kind, len(classes),
-             predictor.image_size, len(inputs))
+    log.info("model: %s (%s, %d classes, %s); %d images", predictor.source, predictor.kind, len(classes),
+             predictor.fit.describe(), len(inputs))
     if predictor.calibration is not None:
         log.info("probabilities calibrated: softmax(logits / %.4g) (%s)", predictor.temperature,
                  predictor.calibration.source)
     rows, sheet, failed = [], [], []
     k = min(int(p.topk), len(predictor.classes))
     cam_dir = out / "cam"
-    batches = decoded_batches(inputs, int(p.batch_size), predictor.image_size, int(p.max_pixels),
+    batches = decoded_batches(inputs, int(p.batch_size), predictor.fit, int(p.max_pixels),
                               max(1, min(4, cores())))
     with contextlib.closing(batches), Bars("predict", len(inputs)) as bars:  # closing: the thread ends on errors
         bars.start_inner("images", len(inputs), images_per_step=1)
@@ -208,7 +208,7 @@ def _write(out: Path, rows: list[dict[str, Any]], k: int, predictor: Predictor,
             per_class[c] = round(sum(r["correct"] for r in of_class) / len(of_class), 4)
     write_json(out / "predictions.json", {
         "model": predictor.source, "format": predictor.kind, "classes": predictor.classes,
-        "image_size": predictor.image_size, "topk": k, "images": len(rows),
+        "image_size": list(predictor.image_size), "resize": predictor.fit.to_dict(), "topk": k, "images": len(rows),
         "temperature": predictor.temperature,
         "calibration": None if predictor.calibration is None else predictor.calibration.source,
         "failed": sum(r["status"] != "ok" for r in rows),
@@ -225,3 +225,41 @@ def _write(out: Path, rows: list[dict[str, Any]], k: int, predictor: Predictor,
                  percent(accuracy), len(judged), ", ".join(f"{c} {percent(a)}" for c, a in per_class.items()))
     log.info("wrote %s (%d images, %d failed)", out, len(rows), sum(r["status"] != "ok" for r in rows))
     return accuracy
+
+
+def split_inputs(ckpt: str, split: str) -> list[Input]:
+    """predict.split: the images of one split of the checkpoint's own data (a file source's run), each with its
+    class as the folder it sits in (so accuracy is reported)."""
+    from cifar_cam.data.sources import listing_of
+    from cifar_cam.tasks.common import data_spec
+    from cifar_cam.training.checkpoint import cached_checkpoint
+
+    if Path(str(ckpt)).suffix in (".onnx", ".pt2"):
+        raise DataError(f"predict.split={split} reads the split a training run kept: pass ckpt=<its run dir or .pt> "
+                        "(an exported file has no data of its own)")
+    payload = cached_checkpoint(ckpt, "best")
+    data = payload.get("data") or {}
+    rows = (data.get("split") or {}).get(split)
+    if not rows:
+        raise DataError(f"predict.split={split}: ckpt={ckpt} was not trained on a data=folder or data=csv split with "
+                        f"{split} images; pass inputs=... instead")
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(payload["config"])
+    listing = listing_of(data_spec(cfg, payload))
+    classes = list(payload["classes"])
+    if listing.kind == "tar":
+        import tarfile
+
+        archive = tarfile.open(listing.root)
+        members = {m.name.lstrip("./")[len(listing.prefix):]: m for m in archive.getmembers() if m.isfile()}
+
+        def reader(name: str) -> Any:
+            def read() -> bytes:
+                f = archive.extractfile(members[name])
+                return f.read() if f is not None else b""
+            return read
+    else:
+        def reader(name: str) -> Any:
+            return lambda: listing.path_of(name).read_bytes()
+    return [Input(str(name), reader(str(name)), classes[int(label)]) for name, label in rows]

@@ -14,7 +14,15 @@ from omegaconf import DictConfig
 
 from cifar_cam.errors import TrainingInterrupted
 from cifar_cam.provenance import command_started
-from cifar_cam.tasks.common import cli_overrides, group_choices, load_data, run_dir, setup_runtime
+from cifar_cam.tasks.common import (
+    cli_overrides,
+    group_choices,
+    load_data,
+    run_dir,
+    setup_runtime,
+    with_absolute_root,
+    write_split_csv,
+)
 from cifar_cam.training import distributed
 from cifar_cam.training.budget.probe import fixed_plan, make_plan, wants_plan
 from cifar_cam.training.checkpoint import load_with_config
@@ -40,7 +48,11 @@ def train(cfg: DictConfig) -> float:
         # [ddp] under torchrun or in a multi-task SLURM job: join the ranks, each on its own GPU; alone: rank 0 of 1
         world, device = distributed.setup(cfg.trainer.get("strategy", "auto"), device)
         mode = wants_plan(cfg, resume)  # trainer.time_budget / trainer.plan / a planned run resumed
-        run = build_run(cfg, out, load_data(cfg), device, world, resume, sup, started=started, plan_mode=mode,
+        splits = load_data(cfg, resume, out if world.is_main else None)  # a resume: the run's own split
+        cfg = with_absolute_root(cfg, splits)
+        if world.is_main:
+            write_split_csv(out, splits)
+        run = build_run(cfg, out, splits, device, world, resume, sup, started=started, plan_mode=mode,
                         overrides=tuple(cli_overrides()), choices=group_choices())
         state = RunState()
         if mode == "budget":  # compiled first, so the probe times the compiled step and the budget counts it

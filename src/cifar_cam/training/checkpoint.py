@@ -27,8 +27,9 @@ from cifar_cam.config.merge import (
     sections_for,
     upgrade,
 )
-from cifar_cam.config.validate import validate
-from cifar_cam.data.arrays import DataSplits
+from cifar_cam.config.validate import image_hw, validate
+from cifar_cam.data.arrays import CIFAR10_MEAN, CIFAR10_STD, DataSplits
+from cifar_cam.data.decode import Fit
 from cifar_cam.errors import CheckpointError
 from cifar_cam.io import atomic_path
 
@@ -156,13 +157,33 @@ def model_from_checkpoint(payload: dict[str, Any]) -> torch.nn.Module:
     return model
 
 
+def normalization_of(payload: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) the checkpoint's model expects its inputs normalized with: its data's own, or CIFAR-10's
+    for checkpoints written before data sets other than CIFAR had theirs."""
+    data = payload.get("data") or {}
+    if data.get("mean") and data.get("std"):
+        return tuple(float(m) for m in data["mean"]), tuple(float(s) for s in data["std"])
+    return CIFAR10_MEAN, CIFAR10_STD
+
+
+def fit_of(payload: dict[str, Any]) -> Fit:
+    """How an image becomes the checkpoint's input: its data's size and resize policy (stretch for checkpoints
+    written before there were others)."""
+    data = payload.get("data") or {}
+    if data.get("fit"):
+        return Fit.from_dict(data["fit"])
+    return Fit.of(image_hw(OmegaConf.create(payload["config"])))
+
+
 def load_model(ckpt: str | Path) -> torch.nn.Module:
     """A trained model from a run dir or .pt file, in eval mode on the CPU (for notebooks and scripts);
-    `model.classes` holds its class names (index i is logit i). For predictions on images of any size,
+    `model.classes` holds its class names (index i is logit i), `model.mean` / `model.std` the normalization its
+    inputs take ((pixels / 255 - mean) / std, per channel). For predictions on images of any size,
     or an exported .onnx / .pt2, use `cifar_cam.Predictor`."""
     payload = load_checkpoint(ckpt)
     model = model_from_checkpoint(payload)
     model.classes = list(payload["classes"])
+    model.mean, model.std = normalization_of(payload)  # what its inputs are normalized with
     return model.eval()
 
 
@@ -207,16 +228,22 @@ def load_with_config(cfg: DictConfig, command: str, overrides: list[str], choice
     return payload, merged
 
 
-def stored_test_accuracy(checkpoint: Path) -> float | None:
-    """The test accuracy the run's summary.json records for its best checkpoint (None for another file, or none)."""
+def stored_test_accuracy(checkpoint: Path, with_precision: bool = False) -> Any:
+    """The test accuracy the run's summary.json records for its best checkpoint (None for another file, or none);
+    `with_precision`: (accuracy, the precision it was computed at)."""
     run = run_dir_of(checkpoint)
-    if checkpoint.resolve() != (run / "checkpoints" / "best.pt").resolve():
-        return None
-    try:
-        value = json.loads((run / "summary.json").read_text()).get("test_acc")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return float(value) if isinstance(value, int | float) else None
+    summary: dict[str, Any] = {}
+    if checkpoint.resolve() == (run / "checkpoints" / "best.pt").resolve():
+        try:
+            summary = json.loads((run / "summary.json").read_text())
+        except (OSError, ValueError):
+            summary = {}
+    value = summary.get("test_acc") if isinstance(summary, dict) else None
+    accuracy = float(value) if isinstance(value, int | float) else None
+    if not with_precision:
+        return accuracy
+    # older summaries tested at the training precision (their `precision`)
+    return accuracy, (summary.get("eval_precision") or summary.get("precision")) if accuracy is not None else None
 
 
 def check_classes(payload: dict[str, Any], splits: DataSplits) -> None:

@@ -150,8 +150,8 @@ def end_of_epoch(run: Run, state: RunState, epoch: int, totals: EpochTotals, siz
     trainer.checkpoint_every epochs and at the end); True to stop early."""
     t = run.cfg.trainer
     val_started = time.perf_counter()
-    val = (evaluate(run.eval_model, run.val_batches, run.splits.num_classes, device=run.device, amp_dtype=run.amp_dtype,
-                    heartbeat=lambda: sup.beat(f"epoch {epoch}, validation"))
+    val = (evaluate(run.eval_model, run.val_batches, run.splits.num_classes, device=run.device,
+                    amp_dtype=run.eval_dtype, heartbeat=lambda: sup.beat(f"epoch {epoch}, validation"))
            if run.val_batches is not None else None)
     monitored = distributed.from_rank0(val.acc if val is not None else totals.acc, run.world)  # [ddp] one decision
     if run.scheduler is not None and run.interval == "epoch":
@@ -243,8 +243,8 @@ def final_test(run: Run, state: RunState, stopped_early: bool, sup: Supervisor) 
     sup.unarmed_message = (f"during the final test evaluation; the checkpoints are complete: "
                            f"cifar-cam train ckpt={shlex.quote(str(run.out))} evaluates again")
     run.model.load_state_dict(load_checkpoint(run.ckpt_dir / "best.pt")["model"])
-    test_batches = EvalBatches(run.splits.test, cfg.eval.batch_size, run.device)
-    test = evaluate(run.model, test_batches, run.splits.num_classes, device=run.device, amp_dtype=run.amp_dtype,
+    test_batches = EvalBatches(run.splits.test, cfg.eval.batch_size, run.device, run.splits.mean, run.splits.std)
+    test = evaluate(run.model, test_batches, run.splits.num_classes, device=run.device, amp_dtype=run.eval_dtype,
                     tta=cfg.eval.tta, heartbeat=lambda: sup.beat("the final test"))
     has_val = run.val_batches is not None
     summary = {
@@ -265,6 +265,7 @@ def final_test(run: Run, state: RunState, stopped_early: bool, sup: Supervisor) 
         "num_params": run.num_params,
         "device": str(run.device),
         "precision": precision_name(run.amp_dtype),  # what trainer.precision (auto: by the hardware) resolved to
+        "eval_precision": precision_name(run.eval_dtype),  # what best_val_acc and test_acc were computed at
         "world_size": run.world.size,  # [ddp] processes that trained; a step saw world_size x data.batch_size images
         "per_class_test_acc": dict(zip(run.splits.classes, test.per_class_acc, strict=True)),
         "tags": OmegaConf.to_container(cfg.tags) if cfg.get("tags") else {},  # +tags.<name>=...: the user's labels

@@ -92,7 +92,8 @@ class Run:
     batches: Any
     val_batches: EvalBatches | None
     criterion: nn.Module
-    amp_dtype: torch.dtype | None
+    amp_dtype: torch.dtype | None    # the training steps' autocast (trainer.precision)
+    eval_dtype: torch.dtype | None   # validation's and the test's (eval.precision: what accuracies are reported at)
     num_params: int
     steps_per_epoch: int             # a whole epoch's batches (compile drops a partial last one)
     ema: WeightEma | None = None     # trainer.ema.decay: the weights' EMA (what is validated and saved)
@@ -113,8 +114,9 @@ class Run:
 
     @property
     def full_size(self) -> int:
-        """The training images' side: the size validation, the test and the last epochs use."""
-        return int(self.splits.train.images.shape[1])
+        """The training images' height (a square image's side): the size validation, the test and the last epochs
+        use; trainer.progressive_resize and a plan measure epochs' sizes in it (the width follows in proportion)."""
+        return self.splits.image_size[0]
 
     @property
     def ckpt_dir(self) -> Path:
@@ -206,7 +208,8 @@ def build_run(cfg: DictConfig, out: Path, splits: DataSplits, device: torch.devi
     batches = build_train_batches(splits.train, cfg.aug, batch_size=cfg.data.batch_size,
                                   num_workers=resolve_num_workers(cfg.data.num_workers), seed=cfg.seed, device=device,
                                   rank=world.rank, world_size=world.size,  # [ddp] this rank's shard
-                                  drop_last=t.compile)
+                                  drop_last=t.compile, mean=splits.mean, std=splits.std,
+                                  sampler=cfg.data.get("sampler"))
     if t.compile:
         note_dropped_batch(len(splits.train), cfg.data.batch_size, world.size)
     if resume is not None and resume.get("steps_per_epoch") not in (None, len(batches)):
@@ -232,8 +235,11 @@ def build_run(cfg: DictConfig, out: Path, splits: DataSplits, device: torch.devi
     return Run(cfg=cfg, out=out, device=device, world=world, splits=splits, model=model, train_model=train_model,
                optimizer=optimizer, scheduler=scheduler, interval=interval,
                scaler=torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None, batches=batches,
-               val_batches=EvalBatches(splits.val, cfg.eval.batch_size, device) if splits.val is not None else None,
-               criterion=criterion, amp_dtype=amp_dtype, num_params=sum(p.numel() for p in model.parameters()),
+               val_batches=(EvalBatches(splits.val, cfg.eval.batch_size, device, splits.mean, splits.std)
+                            if splits.val is not None else None),
+               criterion=criterion, amp_dtype=amp_dtype,
+               eval_dtype=resolve_precision(str(cfg.eval.get("precision", "fp32")), device),
+               num_params=sum(p.numel() for p in model.parameters()),
                steps_per_epoch=len(batches), ema=ema, **fixed)
 
 
@@ -298,6 +304,9 @@ def checkpoint_payload(run: Run, state: RunState, partial: EpochTotals | None = 
         # written, and again (skipping what they hold) by a resume from it, so each step is logged once
         "logger": None if run.trackers is None else run.trackers.state(),
         "plan": None if state.plan is None else state.plan.to_dict(),  # a resume continues it (plan.json too)
+        # the data it trained on, to find it again: its split (file sources), seed, size and resize policy, and the
+        # normalization the model expects (eval, gradcam, predict, export and serve use these, not recomputed ones)
+        "data": {**run.splits.identity, "mean": list(run.splits.mean), "std": list(run.splits.std)},
     }
 
 

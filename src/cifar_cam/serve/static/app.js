@@ -4,7 +4,7 @@
   const $ = (id) => document.getElementById(id);
   const drop = $("drop"), file = $("file"), layer = $("layer"), topk = $("topk"), opacity = $("opacity");
   const statusLine = $("status"), overlay = $("overlay"), input = $("input"), under = $("under");
-  let size = 32, current = null, seq = 0, aborter = null;
+  let shape = {h: 32, w: 32, policy: "stretch", fill: [114, 114, 114]}, current = null, seq = 0, aborter = null;
 
   function say(text, kind) {
     statusLine.textContent = text;
@@ -53,7 +53,10 @@
       }
       if (!res.ok) throw new Error(`${res.status}: ${detailOf(card, res)}`);
       if (apiKey) { keyForm.hidden = true; say("API key accepted. Pick or drop an image to classify it.", "ok"); }
-      size = Number(card.image_size) || 32;
+      const [h, w] = card.input_size || [Number(card.image_size) || 32, Number(card.image_size) || 32];
+      const resize = card.resize || {};
+      shape = {h, w, policy: resize.policy || "stretch", fill: resize.fill || [114, 114, 114]};
+      const size = `${h}×${w}`;
       const layers = card.cam_layers || card.layers || ["layer4"];
       layer.replaceChildren(...layers.map((name) => new Option(name, name)));
       layer.value = layers.includes("layer4") ? "layer4" : layers[layers.length - 1];
@@ -64,8 +67,8 @@
         $("drop-hint").textContent = `${card.input.formats}, up to ${card.input.max_upload_mb} MB; ` +
                                      "resized to the model's input size.";
       }
-      $("input-caption").textContent = `Model input (${size}×${size}, enlarged)`;
-      const parts = [card.kind, n ? `${n} classes` : "", `${size}×${size} input`,
+      $("input-caption").textContent = `Model input (${size}, enlarged)`;
+      const parts = [card.kind, n ? `${n} classes` : "", `${size} input`,
                      card.test_accuracy != null ? `test accuracy ${(100 * card.test_accuracy).toFixed(2)}%` : ""];
       $("model").textContent = parts.filter(Boolean).join(" · ");
       loadGallery();
@@ -140,16 +143,29 @@
 
   loadModel();
 
-  // -- the image as the model sees it: squashed to size×size, transparency over white ----------
+  // -- the image as the model sees it: resized by the model's policy, transparency over white ----
+  // stretch: the whole image to h×w; crop: the shorter side to fit, the centre cut; pad: the longer side to fit,
+  // the border filled with the card's fill colour (as data.resize does for training).
   async function drawInput(blob) {
     const bitmap = await createImageBitmap(blob);  // rejects on a file the browser cannot decode
+    const {h, w, policy, fill} = shape;
+    let dw = w, dh = h;
+    if (policy !== "stretch") {
+      const scale = (policy === "crop" ? Math.max : Math.min)(w / bitmap.width, h / bitmap.height);
+      dw = Math.max(1, Math.round(bitmap.width * scale));
+      dh = Math.max(1, Math.round(bitmap.height * scale));
+    }
+    const x = Math.floor((w - dw) / 2), y = Math.floor((h - dh) / 2);
     for (const c of [input, under]) {
-      c.width = c.height = size;
+      c.width = w;
+      c.height = h;
       const ctx = c.getContext("2d");
+      ctx.fillStyle = `rgb(${fill.join(",")})`;
+      ctx.fillRect(0, 0, w, h);
       ctx.fillStyle = "#fff";
-      ctx.fillRect(0, 0, size, size);
+      ctx.fillRect(x, y, dw, dh);
       ctx.imageSmoothingQuality = "high";
-      ctx.drawImage(bitmap, 0, 0, size, size);
+      ctx.drawImage(bitmap, x, y, dw, dh);
       c.hidden = false;
     }
     bitmap.close && bitmap.close();

@@ -50,7 +50,7 @@ def run_facts(run: Run) -> RunFacts:
     cfg = run.cfg
     return RunFacts(train_images=len(run.splits.train), batch_size=cfg.data.batch_size,
                     steps_per_epoch=run.steps_per_epoch, model=cfg.model.name, width=cfg.model.width,
-                    image_size=run.splits.train.images.shape[1], world_size=run.world.size)
+                    image_size=run.full_size, world_size=run.world.size)
 
 
 def wants_plan(cfg: DictConfig, resume: dict[str, Any] | None) -> str | None:
@@ -140,9 +140,10 @@ def probe(run: Run, state: RunState, sizes: list[int], sup: Supervisor) -> tuple
     # one evaluation batch at full size (validation and test run at full size, test with TTA when set)
     test = run.splits.test
     n = min(len(test), cfg.eval.batch_size)
-    one = EvalBatches(ImageArrays(test.images[:n], test.labels[:n], test.index[:n]), cfg.eval.batch_size, device)
-    collect_logits(run.model, one, device=device, amp_dtype=run.amp_dtype)  # untimed first call
-    per_image = _timed(lambda: collect_logits(run.model, one, device=device, amp_dtype=run.amp_dtype), device) / n
+    one = EvalBatches(ImageArrays(test.images[:n], test.labels[:n], test.index[:n]), cfg.eval.batch_size, device,
+                      run.splits.mean, run.splits.std)
+    collect_logits(run.model, one, device=device, amp_dtype=run.eval_dtype)  # untimed first call
+    per_image = _timed(lambda: collect_logits(run.model, one, device=device, amp_dtype=run.eval_dtype), device) / n
     run.model.load_state_dict(saved)
     if ema_saved is not None:
         run.ema.load(*ema_saved)  # type: ignore[union-attr]
