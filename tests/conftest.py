@@ -63,7 +63,9 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]
 
 def compose_cfg(command: str, overrides: list[str] | None = None, run_dir: Path | None = None) -> DictConfig:
     """The config `cifar-cam <command> <overrides>` would run with; HydraConfig set so tasks can run in-process."""
-    name = command.replace("-", "_")
+    from cifar_cam.cli.commands import COMMANDS
+
+    name = COMMANDS[command][0] if command in COMMANDS else command.replace("-", "_")
     overrides = list(overrides or [])
     if run_dir is not None:
         overrides.append(f"hydra.run.dir={run_dir}")

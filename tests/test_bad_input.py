@@ -70,7 +70,8 @@ CASES: dict[str, Case] = {
     "unknown_optimizer": Case(("train", "optimizer=rmsprop"),
                               "unknown choice optimizer=rmsprop; choose one of: adam, adamw, muon, sgd"),
     "unknown_data": Case(("train", "data=imagenet"),
-                         "unknown choice data=imagenet; choose one of: cifar10, folder, synthetic", slow=True),
+                         "unknown choice data=imagenet; choose one "
+                         "of: cifar10, cifar100, csv, folder, synthetic", slow=True),
     "unknown_experiment": Case(("train", "experiment=huge"), "unknown choice experiment=huge; choose one of:",
                                slow=True),
     "resize_sizes_not_a_list": Case(("train", "trainer.progressive_resize=16"),
@@ -89,12 +90,14 @@ CASES: dict[str, Case] = {
     # data
     "data_root_not_set": Case(("train", "data=folder"), "data.root is required but not set"),
     "data_root_missing": Case(("train", *FOLDER, "data.root={tmp}/nowhere"), "does not exist"),
-    "data_root_without_test": Case(("train", *FOLDER, "data.root={no_test}"), "has no test/ folder"),
+    "data_root_without_test": Case(("train", *FOLDER, "data.root={no_test}"), "has train/ but no "
+                                                                              "test/ or val/ next to it"),
     "empty_class_folder": Case(("train", *FOLDER, "data.root={empty_class}"), "train/dog has no images"),
     "class_sets_differ": Case(("train", *FOLDER, "data.root={other_classes}"),
                               "have different classes (only in train: ['dog'], only in test: ['frog'])"),
     "undecodable_image": Case(("train", *FOLDER, "data.root={bad_image}"),
-                              "cannot decode image {bad_image}/train/cat/broken.png"),
+                              "bad_images.txt): train/cat/broken.png (not an image file or corrupt); remove or "
+                              "replace it, or pass data.skip_bad_images=true to train without it"),
     "val_size_too_large": Case(("train", *TINY, "data.val_size=5000"), "data.val_size=5000 leaves no training images",
                                slow=True),
     # checkpoints

@@ -14,7 +14,7 @@ import torch
 
 from cifar_cam import Predictor
 from cifar_cam.cli.main import main
-from cifar_cam.data.sources import build_splits
+from cifar_cam.data.sources import DataSpec, build_splits
 from cifar_cam.errors import ConfigError
 from cifar_cam.explain import calibration as cal
 from conftest import compose_cfg
@@ -62,20 +62,21 @@ def splits(trained_run: Path):
     """The tiny run's own splits (synthetic: val 32, test 64 images)."""
     c = torch.load(trained_run / "checkpoints" / "best.pt", weights_only=True)["config"]
     d = c["data"]
-    return build_splits("synthetic", None, val_size=d["val_size"], subset=None, seed=c["seed"],
-                        num_classes=d["num_classes"], train_size=d["train_size"], test_size=d["test_size"])
+    return build_splits(DataSpec("synthetic", None, val_size=d["val_size"], subset=None, seed=c["seed"],
+                        num_classes=d["num_classes"], train_size=d["train_size"], test_size=d["test_size"]))
 
 
 def eval_logits(trained_run: Path, arrays) -> np.ndarray:
     """The logits `eval ... trainer.precision=fp32` computes for a split (its model and eval.batch_size, CPU)."""
     from cifar_cam.data.batches import EvalBatches
     from cifar_cam.tasks.common import checkpoint_model
-    from cifar_cam.training.checkpoint import load_checkpoint
+    from cifar_cam.training.checkpoint import load_checkpoint, normalization_of
     from cifar_cam.training.engine import collect_logits
 
     payload = load_checkpoint(trained_run)
     cpu = torch.device("cpu")
-    batches = EvalBatches(arrays, payload["config"]["eval"]["batch_size"], cpu)
+    mean, std = normalization_of(payload)  # the data's own statistics
+    batches = EvalBatches(arrays, payload["config"]["eval"]["batch_size"], cpu, mean, std)
     return collect_logits(checkpoint_model(payload, cpu), batches, device=cpu).logits.numpy()
 
 
@@ -133,7 +134,7 @@ def test_eval_reports_ece_and_reliability_without_calibrate(trained_run: Path, t
 
 @pytest.mark.parametrize(("override", "words"), [
     ("data.val_size=0", "data.val_size=0"),   # refused by the config check, before any model or data loads
-    ("seed=7", "seed=7 differs from the run's seed=42"),  # another split: it would hold trained-on images
+    ("data.val_size=64", "data.val_size=64 differs from the run's data.val_size=32"),  # another split
 ])
 def test_calibrate_without_the_runs_val_split_is_one_line_exit_2(trained_run: Path, tmp_path: Path, override: str,
                                                                   words: str, capsys: pytest.CaptureFixture) -> None:

@@ -76,7 +76,8 @@ def _listing(folder: Path) -> dict[str, int]:
 
 
 COMPLETIONS = [
-    ("cifar-cam ", ["cache ", "eval ", "export ", "gradcam ", "lr-find ", "predict ", "report ", "serve ", "train "]),
+    ("cifar-cam ", ["cache ", "data ", "eval ", "export ", "gradcam ", "lr-find ", "predict ", "report ", "serve ",
+                    "train "]),
     ("cifar-cam train optim", ["optimizer.", "optimizer="]),
     ("cifar-cam train optimizer=", ["optimizer=adam", "optimizer=adamw", "optimizer=muon", "optimizer=sgd"]),
     ("cifar-cam train seed=1 ckpt=outputs/tr", ["ckpt=outputs/train/"]),

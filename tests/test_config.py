@@ -88,7 +88,7 @@ def test_cpu_quick_builds_with_any_optimizer(optimizer: str) -> None:
         ("trainer.epochs=abc", "trainer.epochs must be an integer >= 1, got 'abc'"),
         ("optimizer.lr=-1", "optimizer.lr must be a number > 0"),
         ("data.batch_size=0", "data.batch_size must be an integer >= 1"),
-        ("data.val_size=-5", "data.val_size must be an integer >= 0"),
+        ("data.val_size=-5", "data.val_size must be a number of images >= 0 (0 = no validation split) or a fraction"),
         ("aug.hflip_p=1.5", "aug.hflip_p must be a probability in [0, 1]"),
         ("trainer.device=gpu", "trainer.device must be auto, cpu, cuda or cuda:N"),
         ("model.width=0", "model.width must be an integer >= 1"),

@@ -12,8 +12,16 @@ import torch
 
 from cifar_cam.data.arrays import CIFAR10_MEAN, CIFAR10_STD
 from cifar_cam.data.batches import EvalBatches, Normalizer
-from cifar_cam.data.sources import build_splits, load_folder, make_synthetic, stratified_split
+from cifar_cam.data.decode import Fit
+from cifar_cam.data.sources import DataSpec, build_splits, make_synthetic
+from cifar_cam.data.splitting import stratified_split
 from cifar_cam.errors import ConfigError, DataError
+
+
+def load_folder(root: str, image_size: int = 32, cache: bool = True):  # noqa: ANN201
+    """A train/test tree's (train, test, classes), no val split held out (as the old load_folder gave them)."""
+    splits = build_splits(DataSpec("folder", root, val_size=0, fit=Fit.of(image_size), cache=cache))
+    return splits.train, splits.test, splits.classes
 
 
 def test_cifar10_statistics_are_the_correct_ones() -> None:
@@ -52,17 +60,20 @@ def test_stratified_split_is_disjoint_proportional_and_seeded() -> None:
 
 
 def test_val_size_too_large_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="data.val_size=100 leaves no training images"):
+    with pytest.raises(ConfigError, match=r"data.val_size=100 leaves no training images \(the training set has 100\); "
+                                          r"use data.val_size=10 or a fraction such as data.val_size=0.1"):
         stratified_split(np.zeros(100, np.int64), 100, seed=0)
 
 
 def test_build_splits_subset_and_val() -> None:
-    splits = build_splits("synthetic", None, val_size=40, subset=100, seed=0, train_size=400, test_size=30)
+    splits = build_splits(DataSpec("synthetic", None, val_size=40, subset=100, seed=0, train_size=400, test_size=30))
     assert len(splits.val) == 40 and len(splits.train) == 100 and len(splits.test) == 30
     assert np.bincount(splits.train.labels).tolist() == [10] * 10       # the subset is stratified too
     assert not set(splits.train.index) & set(splits.val.index)          # source indices stay disjoint
-    no_val = build_splits("synthetic", None, val_size=0, subset=None, seed=0, train_size=400, test_size=30)
+    no_val = build_splits(DataSpec("synthetic", None, val_size=0, subset=None, seed=0, train_size=400, test_size=30))
     assert no_val.val is None and len(no_val.train) == 400
+    fraction = build_splits(DataSpec("synthetic", None, val_size=0.25, seed=0, train_size=400, test_size=30))
+    assert len(fraction.val) == 100 and len(fraction.train) == 300  # data.val_size as a fraction of train
 
 
 def _write_folder(root: Path, classes: dict[str, int], size: int = 32) -> None:
@@ -95,9 +106,10 @@ def test_folder_cache_is_used_second_time(tmp_path: Path) -> None:
     root = tmp_path / "imgs"
     _write_folder(root, {"a": 2, "b": 2})
     first = load_folder(str(root))[0]
-    assert len(list((tmp_path / ".cache").glob("folder-*.npz"))) == 1
+    assert len(list((tmp_path / ".cache").glob("split-*"))) == 2  # train and test: an entry a split
     second = load_folder(str(root))[0]
     assert np.array_equal(first.images, second.images)
+    assert isinstance(second.images, np.memmap)  # read back from disk, not held in memory
 
 
 def test_folder_resizes_other_sizes(tmp_path: Path) -> None:
@@ -114,8 +126,9 @@ def test_folder_errors_name_the_problem(tmp_path: Path) -> None:
     _write_folder(root, {"a": 1, "b": 1})
     bad = root / "train" / "a" / "broken.jpg"
     bad.write_bytes(b"not an image")
-    with pytest.raises(DataError, match="cannot decode image .*broken.jpg"):
-        load_folder(str(root), cache=False)
+    splits = build_splits(DataSpec("folder", str(root), val_size=0, cache=False))
+    assert [(s, n) for s, n, _ in splits.bad] == [("train", "train/a/broken.jpg")]
+    assert "cannot decode image train/a/broken.jpg" in splits.bad[0][2] and len(splits.train) == 2  # the others
 
 
 def test_eval_batches_cover_split_in_order() -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cifar_cam.data.arrays import CIFAR10_MEAN, CIFAR10_STD
+from cifar_cam.data.arrays import CIFAR10_MEAN
 from cifar_cam.data.batches import Normalizer
 from cifar_cam.errors import CheckpointError, CifarCamError, DataError
 from cifar_cam.inference import contract as deploy
@@ -27,7 +27,7 @@ from cifar_cam.inference.readers import (
 )
 from cifar_cam.tasks import export as export_task
 from cifar_cam.tasks.common import load_data
-from cifar_cam.training.checkpoint import load_checkpoint, model_from_checkpoint
+from cifar_cam.training.checkpoint import load_checkpoint, model_from_checkpoint, normalization_of
 from conftest import compose_cfg
 
 CHECK_IMAGES = 48  # of the tiny run's 64 synthetic test images
@@ -45,10 +45,12 @@ def exported(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 @pytest.fixture(scope="module")
 def test_set(trained_run: Path) -> tuple[np.ndarray, np.ndarray, torch.nn.Module]:
-    """The checkpoint's own test images and labels, and its eager model (CPU, eval)."""
+    """The checkpoint's own test images and labels, and its eager model (CPU, eval; .mean / .std its data's)."""
     payload = load_checkpoint(trained_run)
-    splits = load_data(OmegaConf.create(payload["config"]))
-    return splits.test.images, splits.test.labels, model_from_checkpoint(payload).eval()
+    splits = load_data(OmegaConf.create(payload["config"]), payload)
+    model = model_from_checkpoint(payload).eval()
+    model.mean, model.std = normalization_of(payload)  # the synthetic data's own, stored in the checkpoint
+    return splits.test.images, splits.test.labels, model
 
 
 def test_pt_onnx_and_pt2_give_the_same_top1_through_the_predictor(exported: Path, trained_run: Path,
@@ -69,7 +71,7 @@ def test_pt_onnx_and_pt2_give_the_same_top1_through_the_predictor(exported: Path
 
 def test_onnx_and_pt2_match_eager_pytorch_on_the_test_images(exported: Path, test_set: tuple) -> None:
     images, _, model = test_set
-    eager, _ = run_torch(deploy.DeployedModel(model).eval(), images)
+    eager, _ = run_torch(deploy.DeployedModel(model, model.mean, model.std).eval(), images)
     onnx_logits, _ = run_onnx(onnx_session(exported / "model.onnx"), images)
     pt2_logits, _ = run_torch(load_pt2(exported / "model.pt2"), images)
     for logits in (onnx_logits, pt2_logits):
@@ -100,7 +102,9 @@ def test_the_card_is_in_the_onnx_metadata_the_pt2_and_model_card_json(exported: 
                              "shape": [None, 32, 32, 3], "range": [0, 255]}
     assert [o["name"] for o in card["outputs"]] == list(deploy.OUTPUT_NAMES)
     assert card["outputs"][1]["shape"] == [None, 64, 4, 4]  # width 8: layer4 has 8 x 8 channels at 4 x 4
-    assert card["mean"] == list(CIFAR10_MEAN) and card["std"] == list(CIFAR10_STD) and card["image_size"] == 32
+    model = test_set[2]
+    assert card["mean"] == list(model.mean) and card["std"] == list(model.std) and card["image_size"] == 32
+    assert card["mean"] != list(CIFAR10_MEAN)  # synthetic data: its own statistics, not CIFAR-10's
     assert card["source"]["sha256"] == _sha256(trained_run / "checkpoints" / "best.pt")
     assert card["test_accuracy"] == json.loads((trained_run / "summary.json").read_text())["test_acc"]
     assert card["opset"] == 18 and card["checked"] is True
@@ -132,7 +136,8 @@ def test_cam_from_onnx_features_and_the_card_equals_gradcam_at_layer4(exported: 
     classes = logits.argmax(1)
     cam = deploy.cam_from_features(features, read_classifier(exported / "model.onnx")["weight"], classes, (32, 32))
     with GradCAM(model, ["layer4"]) as gradcam:
-        expected = gradcam(Normalizer(torch.device("cpu"))(torch.from_numpy(images[:16])), targets=classes)["layer4"]
+        x = Normalizer(torch.device("cpu"), model.mean, model.std)(torch.from_numpy(images[:16]))
+        expected = gradcam(x, targets=classes)["layer4"]
     assert cam.shape == (16, 32, 32) and np.abs(cam - expected.numpy()).max() <= 1e-5
 
 

@@ -88,12 +88,12 @@ def test_cifar10_configs_without_image_size_are_checked_and_loaded_at_32(monkeyp
         validate(cfg, "train")
     asked: dict[str, object] = {}
 
-    def fake_build_splits(*args: object, **kwargs: object) -> object:
-        asked.update(kwargs)
+    def fake_build_splits(spec: object) -> object:
+        asked["spec"] = spec
         raise RuntimeError("stop before loading")
 
     monkeypatch.setattr(common, "build_splits", fake_build_splits)
     with pytest.raises(RuntimeError, match="stop before loading"):
         common.load_data(cfg)
-    assert asked["image_size"] == 32
+    assert asked["spec"].fit.size == (32, 32)
     assert image_size(compose_cfg("train", [*TINY, "data.image_size=24"])) == 24

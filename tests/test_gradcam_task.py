@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cifar_cam.data.sources import build_splits
+from cifar_cam.data.sources import DataSpec, build_splits
 from cifar_cam.errors import ConfigError
 from cifar_cam.tasks.gradcam import gradcam
 from cifar_cam.training.checkpoint import load_checkpoint
@@ -85,8 +85,8 @@ def test_gradcam_writes_grid_files_and_json(trained_run: Path, tmp_path: Path) -
     assert all(e["explained"] == e["pred"] for e in entries)  # the predicted class by default
     # "test_row" is the image's row in the test set: its label there is the entry's true label
     data = load_checkpoint(trained_run)["config"]["data"]
-    splits = build_splits("synthetic", None, val_size=data["val_size"], subset=None, seed=42,
-                          train_size=data["train_size"], test_size=200)
+    splits = build_splits(DataSpec("synthetic", None, val_size=data["val_size"], subset=None, seed=42,
+                          train_size=data["train_size"], test_size=200))
     assert [int(splits.test.labels[e["test_row"]]) for e in entries] == [e["true_label"] for e in entries]
     assert len({e["test_row"] for e in entries}) == 25
 

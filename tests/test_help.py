@@ -6,6 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from cifar_cam.cli.commands import COMMANDS
 from cifar_cam.cli.helptext import (
     HELP_KEYS,
     describe,
@@ -28,7 +29,7 @@ def test_every_key_a_command_uses_is_described_under_every_group_option() -> Non
     missing = []
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         for command in HELP_KEYS:
-            name = command.replace("-", "_")
+            name = COMMANDS[command][0]  # the command's config (`data` reads data_info.yaml)
             for group in GROUPS:
                 for option in options[group]:
                     cfg = compose(name, overrides=[f"{group}={option}"], return_hydra_config=True)
@@ -56,9 +57,9 @@ def test_comment_lines_aligned_under_a_key_continue_its_description() -> None:
 def test_help_lists_the_commands_keys_with_descriptions(capsys: pytest.CaptureFixture[str]) -> None:
     main(["lr-find", "data=folder", "--help"])
     out = capsys.readouterr().out
-    assert "data.image_size=32" in out and "images of another size are resized" in out
+    assert "data.image_size=32" in out and "the model's input: a side (32)" in out
     assert "lr_find.num_iter=100" in out and "one optimizer step per iteration" in out
-    assert "data            cifar10 folder* synthetic" in out
+    assert "data            cifar10 cifar100 csv folder* synthetic" in out
     assert "gradcam." not in out and "scheduler.factor" not in out  # lr-find uses neither
     assert "  scheduler " not in out and "progress_every" not in out
     main(["train", "--help"])
@@ -71,17 +72,17 @@ def test_did_you_mean_reads_the_last_word_and_other_group_options() -> None:
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         keys = known_keys(compose("train"))
     hints = did_you_mean("data.size", keys)
-    assert "data.image_size (with data=folder or data=synthetic)" in hints and "data.val_size" in hints
+    assert "data.image_size (with data=csv, data=folder or data=synthetic)" in hints and "data.val_size" in hints
     assert did_you_mean("optimizer.moment", keys)[0] == "optimizer.momentum"
     assert did_you_mean("trainer.epoch", keys)[0] == "trainer.epochs"
-    assert did_you_mean("data.image_size", keys)[0] == "data.image_size (with data=folder or data=synthetic)"
+    assert did_you_mean("data.image_size", keys)[0] == "data.image_size (with data=csv, data=folder or data=synthetic)"
 
 
 def test_did_you_mean_uses_the_group_chosen_on_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main(["train", "data=folder", "data.root=/nowhere", "data.imagesize=64"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "did you mean data.image_size?" in err and len(err.splitlines()) == 1
+    assert e.value.code == 2 and "did you mean data.image_size," in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize("flag", [["--cfg", "job"], ["-c", "job"], ["--cfg", "job", "--resolve"]])

@@ -23,12 +23,14 @@ from conftest import SHARED_ARCHIVE
 
 
 def _old_decode(data: bytes, name: str, size: int) -> np.ndarray:
-    """data._decode as it was before images.py: the pixels cached data and figures were made with."""
+    """data._decode as it was before images.py: the pixels cached data and figures were made with; since decoder 3
+    an image enlarged along either side is resized with INTER_LINEAR (INTER_AREA repeated its pixels there)."""
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if img is None:
         raise DataError(f"cannot decode image {name}: not an image file or corrupt; remove or replace it")
     if img.shape[0] != size or img.shape[1] != size:
-        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+        shrink = img.shape[0] >= size and img.shape[1] >= size
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -85,8 +87,10 @@ def test_8bit_images_decode_bit_identical_to_the_old_decoder(size: int) -> None:
 
 
 def test_data_uses_the_shared_decoder_and_suffixes() -> None:
-    assert data.IMAGE_SUFFIXES is IMAGE_SUFFIXES
-    assert data.decode_rgb is decode_rgb
+    from cifar_cam.data import decode_pool, listing
+
+    assert listing.IMAGE_SUFFIXES is IMAGE_SUFFIXES
+    assert decode_pool.decode_image is images.decode_image
     assert not hasattr(data, "_decode")
     assert {".jpg", ".png", ".webp", ".tif", ".tiff", ".gif"} <= IMAGE_SUFFIXES
 
@@ -283,13 +287,19 @@ def test_decoding_a_folder_file(tmp_path: Path) -> None:
 
 def test_the_data_cache_keys_on_the_decoder_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Cached arrays of an older decoder (other pixels for transparent or 16-bit images) are not reused."""
-    import cifar_cam.data.sources as data
+    from cifar_cam.data import files
+    from cifar_cam.data.sources import DataSpec, build_splits
 
+    monkeypatch.setenv("CIFAR_CAM_CACHE", str(tmp_path / "cache"))
     root = tmp_path / "tree"
     for split in ("train", "test"):
         (root / split / "a").mkdir(parents=True)
         cv2.imwrite(str(root / split / "a" / "x.png"), np.zeros((4, 4, 3), np.uint8))
-    reader = data._FolderReader(str(root))
-    before = reader.fingerprint()
-    monkeypatch.setattr(data, "DECODER_VERSION", data.DECODER_VERSION + 1)
-    assert reader.fingerprint() != before
+    spec = DataSpec("folder", str(root), val_size=0, fit=images.Fit.of(4))
+    build_splits(spec)
+    before = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    build_splits(spec)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == before  # the same decoder: read back
+    monkeypatch.setattr(files, "DECODER_VERSION", files.DECODER_VERSION + 1)
+    build_splits(spec)
+    assert len(list((tmp_path / "cache").iterdir())) == 2 * len(before)  # another decoder: decoded again

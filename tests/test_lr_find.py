@@ -24,7 +24,7 @@ from torch_lr_finder import LRFinder
 
 import cifar_cam.tasks.lr_find as lr_find_module
 from cifar_cam.data.augment import build_train_batches
-from cifar_cam.data.sources import build_splits
+from cifar_cam.data.sources import DataSpec, build_splits
 from cifar_cam.models import build_model
 from cifar_cam.tasks.lr_find import lr_find
 from cifar_cam.training.checkpoint import load_checkpoint
@@ -35,7 +35,7 @@ CPU = torch.device("cpu")
 
 
 def _tiny_batches(cfg):  # noqa: ANN001, ANN202
-    splits = build_splits("synthetic", None, val_size=0, subset=None, seed=0, train_size=96, test_size=8)
+    splits = build_splits(DataSpec("synthetic", None, val_size=0, subset=None, seed=0, train_size=96, test_size=8))
     return build_train_batches(splits.train, cfg.aug, batch_size=32, num_workers=0, seed=0, device=CPU)
 
 

@@ -15,7 +15,7 @@ import torch
 from cifar_cam import Predictor, load_model
 from cifar_cam.cli.main import main
 from cifar_cam.data.batches import Normalizer
-from cifar_cam.data.sources import build_splits
+from cifar_cam.data.sources import DataSpec, build_splits
 from cifar_cam.errors import CheckpointError, ConfigError, DataError
 from cifar_cam.explain.cam import GradCAM
 from cifar_cam.inference.inputs import find_inputs
@@ -28,8 +28,9 @@ def test_images(trained_run: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """The trained run's own synthetic test images (uint8 NHWC), labels and class names."""
     payload = torch.load(trained_run / "checkpoints" / "best.pt", weights_only=True)
     d = payload["config"]["data"]
-    splits = build_splits("synthetic", None, val_size=d["val_size"], subset=None, seed=payload["config"]["seed"],
-                          num_classes=d["num_classes"], train_size=d["train_size"], test_size=d["test_size"])
+    splits = build_splits(DataSpec("synthetic", None, val_size=d["val_size"], subset=None,
+                                   seed=payload["config"]["seed"], num_classes=d["num_classes"],
+                                   train_size=d["train_size"], test_size=d["test_size"]))
     return splits.test.images, splits.test.labels, list(splits.classes)
 
 
@@ -46,7 +47,7 @@ def test_predictor_matches_the_model_and_its_gradcam(trained_run: Path, test_ima
     predictor = Predictor.load(trained_run)
     model = load_model(trained_run)
     assert model.classes == classes == predictor.classes  # load_model hands back the class names
-    x = Normalizer(torch.device("cpu"))(torch.from_numpy(images))
+    x = Normalizer(torch.device("cpu"), model.mean, model.std)(torch.from_numpy(images))  # the data's own
     with torch.no_grad():
         expected = model(x).numpy()
     assert np.abs(predictor.logits(images) - expected).max() < 1e-5

@@ -199,12 +199,13 @@ def test_a_run_with_ema_saves_the_average_as_model_and_the_trained_weights_as_mo
 
     splits = load_data(cfg)
     model = model_from_checkpoint(last)
-    val = evaluate(model, EvalBatches(splits.val, 64, torch.device("cpu")), splits.num_classes,
-                   device=torch.device("cpu"), amp_dtype=torch.bfloat16 if summary["precision"] == "bf16" else None)
+    assert summary["eval_precision"] == "fp32"  # validation at eval.precision, with the data's own mean / std
+    val = evaluate(model, EvalBatches(splits.val, 64, torch.device("cpu"), splits.mean, splits.std),
+                   splits.num_classes, device=torch.device("cpu"), amp_dtype=None)
     assert val.loss == pytest.approx(last["history"][-1]["val_loss"], rel=1e-6)  # a loss: raw weights differ
     model.load_state_dict(last["model_raw"])
-    raw = evaluate(model, EvalBatches(splits.val, 64, torch.device("cpu")), splits.num_classes,
-                   device=torch.device("cpu"), amp_dtype=torch.bfloat16 if summary["precision"] == "bf16" else None)
+    raw = evaluate(model, EvalBatches(splits.val, 64, torch.device("cpu"), splits.mean, splits.std),
+                   splits.num_classes, device=torch.device("cpu"), amp_dtype=None)
     assert raw.loss != pytest.approx(val.loss, rel=1e-6)
 
 

@@ -114,7 +114,7 @@ def test_help_and_cfg_behave_like_hydra(tmp_path: Path) -> None:
     [
         (["train", "nosuchkey=1"], "unknown config key 'nosuchkey'"),
         (["train", "trainer.epochs=-1"], "trainer.epochs must be an integer >= 1, got -1"),
-        (["train", "data=nope"], "unknown choice data=nope; choose one of: cifar10, folder, synthetic"),
+        (["train", "data=nope"], "unknown choice data=nope; choose one of: cifar10, cifar100, csv, folder, synthetic"),
         (["trian"], "unknown command 'trian' (did you mean train?)"),
     ],
 )
