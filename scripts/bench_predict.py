@@ -52,7 +52,7 @@ def rates(predictor: Predictor, inputs: list, decoded: np.ndarray, batch: int) -
     forward = len(decoded) / (time.perf_counter() - start)
     start = time.perf_counter()
     n = 0
-    for b in decoded_batches(inputs, batch, predictor.image_size, 40_000_000, threads=4):
+    for b in decoded_batches(inputs, batch, predictor.fit, 40_000_000, threads=4):
         predictor.top(predictor.logits(b.pixels), 3)
         n += len(b.inputs)
     return n / (time.perf_counter() - start), forward
