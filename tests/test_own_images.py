@@ -20,7 +20,7 @@ from cifar_cam.data.listing import list_csv, list_folder
 from cifar_cam.data.sources import DataSpec, build_splits
 from cifar_cam.errors import DataError
 from conftest import TINY, compose_cfg, run_cli
-from imagefiles import SHAPES, corrupt, save, shape_image, shapes_tree
+from imagefiles import SHAPES, corrupt, digits_tree, save, shape_image, shapes_tree
 
 CPU = torch.device("cpu")
 
@@ -349,3 +349,18 @@ def test_a_cam_layer_under_2x2_is_warned_about(caplog: pytest.LogCaptureFixture)
         assert not caplog.records  # 4x4
         warn_small_layers(model, torch.zeros(1, 3, 8, 8), ["layer4"])
     assert "layer4 is 1x1 at 8x8 images" in caplog.text
+
+
+@pytest.mark.slow
+def test_8_pixel_digits_train_to_90_percent_in_2_minutes_with_only_the_size_given(tmp_path: Path) -> None:
+    """Issue 28's first user: 1,800 8x8 grayscale digits in bare class folders, no split, no tuning."""
+    root = digits_tree(tmp_path / "digits")
+    done = run_cli("train", "data=folder", f"data.root={root}", "data.image_size=16", "aug=none",
+                   "trainer.time_budget=2min", "hydra.run.dir=run", cwd=tmp_path, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["test_acc"] >= 0.90, summary
+    evaluated = run_cli("eval", "ckpt=run", "hydra.run.dir=eval", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["accuracy"] == summary["test_acc"] and metrics["n"] == 180  # the same split, the same number
