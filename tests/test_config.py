@@ -56,7 +56,8 @@ def test_defaults_match_spec() -> None:
     assert cfg.aug.preset == "seed" and cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.momentum == 0.9
     assert cfg.scheduler._target_.endswith("ReduceLROnPlateau") and cfg.scheduler.mode == "max"
     assert cfg.trainer.epochs == 50 and cfg.trainer.device == "auto"
-    assert cfg.gradcam.num_images == 25 and list(cfg.gradcam.target_layers) == ["layer3", "layer4"]
+    assert cfg.gradcam.num_images == 25 and cfg.gradcam.target_layers is None  # null: the model's own
+    assert list(cfg.model.cam_layers) == ["layer3", "layer4"] and cfg.model.name == "resnet18"
     assert cfg.model.width == 64
 
 
@@ -72,11 +73,12 @@ def test_experiment_presets_override_groups() -> None:
 def test_cpu_quick_builds_with_any_optimizer(optimizer: str) -> None:
     """The preset sets only keys every optimizer has, so swapping its Muon for another still builds."""
     import torch
-    from hydra.utils import instantiate
+
+    from cifar_cam.training.optim import build_optimizer
 
     cfg = _compose("train", ["experiment=cpu_quick", f"optimizer={optimizer}", "data=synthetic"])
     validate(cfg, "train")
-    built = instantiate(cfg.optimizer)(torch.nn.Conv2d(3, 4, 3).parameters())
+    built = build_optimizer(cfg.optimizer, torch.nn.Conv2d(3, 4, 3))
     assert built.param_groups[0]["lr"] == 0.04
     assert type(built).__name__ == {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "muon": "Muon"}[optimizer]
 
@@ -157,7 +159,7 @@ def test_every_validated_choice_is_one_the_code_implements() -> None:
     """config.validate checks names against choices.py (torch-free); the code behind each must have the same."""
     from cifar_cam.config import choices
     from cifar_cam.explain.cam import METHODS
-    from cifar_cam.models.resnet import MODELS
+    from cifar_cam.models import MODELS
     from cifar_cam.tasks.gradcam import SELECTED
 
     assert set(choices.MODEL_NAMES) == set(MODELS)

@@ -16,7 +16,7 @@ from conftest import TINY, compose_cfg
 
 
 @pytest.mark.parametrize(("override", "why"), [
-    ("+model.pretrained=weights.pth", "model.pretrained is not a cifar-cam setting (in any config file)"),
+    ("+model.weights=weights.pth", "model.weights is not a cifar-cam setting (in any config file)"),
     ("+scheduler.span=T_max", "scheduler.span is not a cifar-cam setting (nor an argument of "
                               "torch.optim.lr_scheduler.ReduceLROnPlateau)"),
     ("++trainer.epoch=3", "trainer.epoch is not a cifar-cam setting"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cifar_cam.models.resnet import build_model, resnet18
+from cifar_cam.models import build_model, resnet18
 
 
 def test_parameter_count_matches_reference() -> None:

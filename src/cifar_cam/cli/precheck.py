@@ -158,7 +158,7 @@ def check_files(command: str, cfg: Any, checked: set[tuple[str, str]], root_type
     if command == "predict":  # before torch loads: the model file and the inputs exist
         from cifar_cam.inference.inputs import check_inputs, check_model_file
 
-        check_model_file(cfg.ckpt, cfg.predict.layer if cfg.predict.cam else None)
+        check_model_file(cfg.ckpt)
         if cfg.predict.get("split") is None:
             check_inputs(cfg.inputs)
     from cifar_cam.data.sources import check_root

@@ -13,7 +13,10 @@ AUG_REFERENCE_SIDE = 32  # aug.pad and aug.cutout_size are pixels of an image th
 PRESETS = ("seed", "crop_flip", "none")  # aug.preset (data/augment.py)
 BACKENDS = ("albumentations", "torch")  # aug.backend (data/augment.py, data/device_augment.py)
 MIX_MODES = ("mixup", "cutmix", "both")  # aug.mix (data/mix.py; null: off; both: one of the two per batch, evenly)
-MODEL_NAMES = ("resnet18",)  # model.name (models/resnet.py: MODELS holds their builders)
+# model.name of the architectures of our own (models/zoo.py: ARCHITECTURES holds their builders); model.source
+# timm / torchvision take any name of those libraries
+MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "preact_resnet18", "wide_resnet", "resnet9", "airbench")
+MODEL_SOURCES = ("cifar_cam", "timm", "torchvision")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # trainer.precision (training/device.py)
 STRATEGIES = ("auto", "single", "ddp")  # trainer.strategy (training/distributed.py)
 # gradcam.method (explain/cam.py: METHODS, same order)

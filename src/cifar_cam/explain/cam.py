@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from cifar_cam.errors import ConfigError
 from cifar_cam.explain.hooks import LayerHooks, resolve_layers
 
-DEFAULT_LAYERS = ("layer3", "layer4")
+DEFAULT_LAYERS = ("layer3", "layer4")  # the ResNets'; a Network's own are model.cam_layers
 EPS_SCALE = 1e-7  # pytorch-grad-cam's scale_cam_image: x / (1e-7 + max)
 # pytorch-grad-cam's default test-time augmentations for aug_smooth (BaseCAM.__init__, via ttach):
 # every combination of a horizontal flip (off, on) and a multiplier of the normalized input.

@@ -32,9 +32,12 @@ def resolve_layers(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Modul
         try:
             layers[str(name)] = model.get_submodule(str(name))
         except AttributeError:
+            declared = tuple(getattr(model, "cam_layers", ()))
             raise ConfigError(
-                f"target layer {name!r} is not in the model; valid names: {', '.join(layer_choices(model))} "
-                "(or a path inside one, such as layer4.1)"
+                f"target layer {name!r} is not in the model; "
+                + (f"its CAM layers: {', '.join(declared)}; " if declared else "")
+                + f"its modules: {', '.join(layer_choices(model))} (or a path inside one, such as "
+                f"{declared[-1] if declared else layer_choices(model)[-1]}.0)"
             ) from None
     return layers
 

@@ -1,15 +1,17 @@
 """The deployed model's contract, shared by export (ONNX, torch.export) and the Predictor.
 
-A deployed model takes raw pixels and gives logits and the layer4 map:
+A deployed model takes raw pixels and gives logits and the model's feature map:
 
 - input `images`: uint8, (N, H, W, 3), RGB, at the checkpoint's image size; the batch is dynamic;
 - output `logits`: float32 (N, num_classes);
-- output `features`: float32 (N, C, h, w), the `layer4` activations (4x4 for 32-px inputs).
+- output `features`: float32 (N, C, h, w), the map of the architecture's feature layer (the last of
+  its CAM layers: layer4 for the ResNets, 4x4 for 32-px inputs).
 
-Normalization (CIFAR-10 mean / std) and the NHWC -> NCHW change happen inside, so a caller needs
-no PyTorch and no constants. Because ResNet18 ends in global average pooling and one linear layer,
-the class activation map of class c is `sum_k fc.weight[c, k] * features[k]`, which equals Grad-CAM
-at layer4 after ReLU and min-max scaling (`cam_from_features`); the card carries `fc.weight`.
+Normalization (the data's mean / std) and the NHWC -> NCHW change happen inside, so a caller needs
+no PyTorch and no constants. The class activation map of class c is `sum_k fc.weight[c, k] *
+features[k]` (`cam_from_features`); where the head is global average pooling and one linear layer
+(the ResNets, WRN, timm / torchvision nets that average) it equals Grad-CAM at that layer after ReLU
+and min-max scaling; the card says which (`cam`). The card carries the classifier's weights.
 
 The card (`model_card.json`, the ONNX metadata, the .pt2's extra file) is one JSON dict under
 CARD_KEY; the classifier weights for CAM travel beside it under FC_KEY.
@@ -32,7 +34,7 @@ INPUT_NAME, OUTPUT_NAMES = "images", ("logits", "features")
 
 
 class DeployedModel(nn.Module):
-    """uint8 NHWC RGB pixels -> (logits, layer4 features): a trained ResNet with its normalization inside."""
+    """uint8 NHWC RGB pixels -> (logits, features): a trained Network with its normalization inside."""
 
     def __init__(self, model: nn.Module, mean: tuple[float, ...] = CIFAR10_MEAN,
                  std: tuple[float, ...] = CIFAR10_STD) -> None:
@@ -44,17 +46,15 @@ class DeployedModel(nn.Module):
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         x = (images.permute(0, 3, 1, 2).float() - self.shift) * self.scale
-        m = self.model
-        x = m.relu(m.bn1(m.conv1(x)))
-        features = m.layer4(m.layer3(m.layer2(m.layer1(x))))
-        logits = m.fc(torch.flatten(m.avgpool(features), 1))
-        return logits, features
+        features = self.model.forward_features(x)
+        return self.model.forward_head(features), features
 
 
 def classifier_of(model: nn.Module) -> dict[str, Any]:
-    """The final linear layer as plain lists (FC_KEY's value)."""
-    fc = model.fc
-    return {"weight": fc.weight.detach().cpu().float().tolist(), "bias": fc.bias.detach().cpu().float().tolist()}
+    """The final linear layer as plain lists (FC_KEY's value; a classifier without bias: zeros)."""
+    fc = model.get_classifier()
+    bias = fc.bias if fc.bias is not None else torch.zeros(fc.out_features)
+    return {"weight": fc.weight.detach().cpu().float().tolist(), "bias": bias.detach().cpu().float().tolist()}
 
 
 def cam_from_features(features: np.ndarray | Tensor, fc_weight: np.ndarray | Tensor, classes: Any,

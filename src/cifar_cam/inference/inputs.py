@@ -78,10 +78,11 @@ def _is_glob(item: str) -> bool:
 MODEL_SUFFIXES = (".pt", ".onnx", ".pt2")
 
 
-def check_model_file(ckpt: str, cam_layer: str | None = None) -> None:
-    """Refuses (CheckpointError / ConfigError) a `ckpt=` that does not exist, has an unknown suffix, or is an
-    exported model asked for CAM at a layer other than layer4: one line before torch loads."""
-    from cifar_cam.errors import CheckpointError, ConfigError
+def check_model_file(ckpt: str) -> None:
+    """Refuses (CheckpointError) a `ckpt=` that does not exist or has an unknown suffix: one line before torch
+    loads (an exported model asked for CAM at another layer than its feature layer is refused once its card is
+    read)."""
+    from cifar_cam.errors import CheckpointError
 
     path = Path(str(ckpt)).expanduser()
     if not path.exists():
@@ -89,9 +90,6 @@ def check_model_file(ckpt: str, cam_layer: str | None = None) -> None:
     if path.is_file() and path.suffix not in MODEL_SUFFIXES:
         raise CheckpointError(f"ckpt={ckpt}: unknown model format '{path.suffix}'; cifar-cam reads a train run dir, "
                               f"{', '.join(MODEL_SUFFIXES)}")
-    if cam_layer not in (None, "layer4") and path.suffix in (".onnx", ".pt2"):
-        raise ConfigError(f"predict.layer={cam_layer}: an exported {path.suffix} model gives CAM at layer4 only; "
-                          "pass predict.layer=layer4 or ckpt=<the .pt checkpoint>")
 
 
 def check_inputs(spec: Any) -> None:

@@ -5,12 +5,12 @@ into predictions; `cifar-cam predict`, export's checks and `serve` all use it.
     predictor = Predictor.load("outputs/train/<run>")        # a run dir, .pt, .onnx or .pt2
     results = predictor(["cat.jpg", "dog.png"], topk=3)       # or uint8 RGB arrays (N, H, W, 3), any size
     results[0].label, results[0].probability                  # 'cat', 0.91
-    maps = predictor.cam(images, layer="layer4")              # (N, S, S) in [0, 1]
+    maps = predictor.cam(images)                              # (N, H, W) in [0, 1], at the feature layer
     Predictor.load(run, calibration="outputs/eval/<run>")      # probabilities softmax(logits / T)
 
-Every format runs `contract.DeployedModel`'s contract (uint8 NHWC RGB in; logits and layer4 features
+Every format runs `contract.DeployedModel`'s contract (uint8 NHWC RGB in; logits and the feature map
 out), so the three agree to ~1e-5 on the same pixels. Images of any size are made model-ready by
-`images.decode_rgb` / `resize_rgb`, the way `data=folder` makes its training images.
+`data.decode` (the card's size and resize policy), the way `data=folder` makes its training images.
 
 Probabilities are softmax(logits / temperature): T = 1 unless a calibration is given (the calibration.json of
 `cifar-cam eval eval.calibrate=true`) or an exported file's card carries one; logits stay the model's own.
@@ -38,7 +38,6 @@ log = logging.getLogger("cifar_cam")
 
 SUFFIXES = MODEL_SUFFIXES
 MAX_PIXELS = 40_000_000  # predict.max_pixels' default: a larger image file is refused from its header
-LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ class TopK:
 
 
 class _Backend:
-    """Runs the deployed contract on uint8 (N, S, S, 3) batches."""
+    """Runs the deployed contract on uint8 (N, S, S, 3) batches; `layers`: its CAM layers, the feature layer last."""
 
     layers: tuple[str, ...] = ("layer4",)
 
@@ -69,17 +68,18 @@ class _Backend:
         raise NotImplementedError
 
     def cam(self, images: np.ndarray, layer: str, classes: np.ndarray, fc_weight: np.ndarray) -> np.ndarray:
-        """Maps at the input size: CAM from the layer4 features (= Grad-CAM at layer4)."""
+        """Maps at the input size: CAM from the exported features (= Grad-CAM there where the head averages)."""
         _, features = self.run(images)
         return contract.cam_from_features(features, fc_weight, classes, images.shape[1:3])
 
 
 class _TorchBackend(_Backend):
-    layers = LAYERS
+    """Any module of the model is a CAM layer here; `layers` are the ones the architecture declares."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
                  mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.model, self.device, self.amp_dtype, self.mean, self.std = model, device, amp_dtype, mean, std
+        self.layers = tuple(getattr(model, "cam_layers", None) or ("layer4",))
         self.deployed = contract.DeployedModel(model, mean, std).to(device).eval()
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +99,8 @@ class _TorchBackend(_Backend):
 
 
 class _OnnxBackend(_Backend):
-    def __init__(self, path: Path, threads: int | None) -> None:
+    def __init__(self, path: Path, threads: int | None, layers: tuple[str, ...]) -> None:
+        self.layers = layers
         from cifar_cam.inference.readers import onnx_session
 
         try:
@@ -114,8 +115,8 @@ class _OnnxBackend(_Backend):
 
 
 class _ExportedBackend(_Backend):
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
+    def __init__(self, module: torch.nn.Module, layers: tuple[str, ...]) -> None:
+        self.module, self.layers = module, layers
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
@@ -136,7 +137,7 @@ class Predictor:
     """A trained model behind one call: images (uint8 RGB arrays of any size, or file paths) -> top-k.
 
     `Predictor.load(path)` takes a train run dir or a `.pt` checkpoint (PyTorch, every CAM layer), or an
-    exported `model.onnx` (onnxruntime) / `model.pt2` (torch.export) (CAM at layer4). `calibration` (a
+    exported `model.onnx` (onnxruntime) / `model.pt2` (torch.export) (CAM at the feature layer only). `calibration` (a
     `Calibration`, or None for T = 1) sets the temperature of the probabilities.
     """
 
@@ -212,11 +213,13 @@ class Predictor:
         from cifar_cam.inference.readers import load_pt2, read_card, read_classifier
 
         card, fc = read_card(p), read_classifier(p)  # one line for a foreign, truncated or old file
+        # cards before the zoo: ResNet18's layer4; "cam": null: a head that is more than a linear layer, no CAM
+        layers = (str(card.get("feature_layer") or "layer4"),) if card.get("cam", "") is not None else ()
         if p.suffix == ".onnx":
-            backend: _Backend = _OnnxBackend(p, threads)
+            backend: _Backend = _OnnxBackend(p, threads, layers)
         else:
             try:
-                backend = _ExportedBackend(load_pt2(p))
+                backend = _ExportedBackend(load_pt2(p), layers)
             except Exception as e:
                 raise CheckpointError(f"ckpt={p} is not a loadable torch.export file ({type(e).__name__})") from None
         if calibration is None:
@@ -273,10 +276,20 @@ class Predictor:
         """The top-k classes and probabilities of each image."""
         return self.top(self.logits(images), topk)
 
-    def cam(self, images: np.ndarray | Sequence[np.ndarray | str | Path], layer: str = "layer4",
+    @property
+    def cam_layers(self) -> tuple[str, ...]:
+        """The model's CAM layers, the feature layer (the default, and an exported file's only one) last."""
+        return self.backend.layers
+
+    def cam(self, images: np.ndarray | Sequence[np.ndarray | str | Path], layer: str | None = None,
             targets: Sequence[int] | None = None) -> np.ndarray:
-        """Grad-CAM maps (N, H, W) in [0, 1] of the predicted class (or `targets`) at `layer`."""
-        if layer not in self.backend.layers:
+        """Grad-CAM maps (N, H, W) in [0, 1] of the predicted class (or `targets`) at `layer` (None: the feature
+        layer; a .pt model takes any of its modules)."""
+        if not self.cam_layers:
+            raise ConfigError(f"this {self.kind} model has no CAM: its head is more than one linear layer over the "
+                              "pooled features; use the .pt checkpoint for Grad-CAM")
+        layer = self.cam_layers[-1] if layer is None else layer
+        if self.kind != "torch" and layer not in self.backend.layers:
             raise ConfigError(f"layer={layer}: a {self.kind} model gives CAM at {', '.join(self.backend.layers)} only"
                               + ("; use the .pt checkpoint for other layers" if self.kind != "torch" else ""))
         batch = self.prepare(images)

@@ -67,7 +67,7 @@ def model_info(predictor: Predictor, settings: Settings) -> dict[str, Any]:
                   "decoded_to": f"uint8 RGB {fit.describe()}; transparency over white, EXIF orientation applied",
                   "max_upload_mb": settings.max_upload_mb, "max_pixels": settings.max_pixels,
                   "max_batch_images": settings.max_batch_images},
-        "cam_layers": list(predictor.backend.layers),
+        "cam_layers": list(predictor.cam_layers),
         "topk_default": min(settings.topk, len(predictor.classes)),
         "test_accuracy": accuracy,
         "probabilities": "softmax(logits)" if predictor.calibration is None else

@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cifar_cam.serve.batcher import Batcher
-from cifar_cam.serve.settings import ALL_LAYERS, FORMATS, ApiError, Settings
+from cifar_cam.serve.settings import FORMATS, ApiError, Settings
 from cifar_cam.serve.uploads import Part, batch_uploads, load_image, overlay_png, png_base64, read_body, single_upload
 
 if TYPE_CHECKING:
@@ -151,7 +151,7 @@ class Answers:
         self.predictor, self.settings, self.batcher, self.model_id = predictor, settings, batcher, model_id
         self.n_classes, self.fit = len(predictor.classes), predictor.fit
 
-    def check_query(self, topk: int | None, cam: bool, layer: str) -> tuple[int, str | None]:
+    def check_query(self, topk: int | None, cam: bool, layer: str | None) -> tuple[int, str | None]:
         """(k, the CAM layer or None) of a request's query; ApiError 422 for one the model cannot answer."""
         predictor, n_classes = self.predictor, self.n_classes
         k = self.settings.topk if topk is None else topk
@@ -159,11 +159,16 @@ class Answers:
             raise ApiError(422, f"topk={topk}: the model has {n_classes} classes; pass topk between 1 and "
                                 f"{n_classes}")
         k = min(k, n_classes)
-        if layer not in ALL_LAYERS:
-            raise ApiError(422, f"layer={layer[:40]}: unknown layer; pass one of {', '.join(predictor.backend.layers)}")
-        if cam and layer not in predictor.backend.layers:
-            raise ApiError(422, f"layer={layer}: a {predictor.kind} model gives CAM at "
-                                f"{', '.join(predictor.backend.layers)} only; serve the .pt checkpoint for others")
+        if not predictor.cam_layers:  # an exported model whose head is more than a linear layer
+            if cam:
+                raise ApiError(422, "cam=true: this model has no CAM (its head is more than one linear layer over "
+                                    "the pooled features); serve the .pt checkpoint for Grad-CAM")
+            return k, None
+        layer = layer or predictor.cam_layers[-1]  # none given: the model's feature layer
+        if layer not in predictor.cam_layers:
+            raise ApiError(422, f"layer={layer[:40]}: not a CAM layer of this model; pass one of "
+                                f"{', '.join(predictor.cam_layers)}"
+                                + ("" if predictor.kind == "torch" else " (serve the .pt checkpoint for others)"))
         return k, layer if cam else None
 
     async def image(self, data: bytes, name: str) -> np.ndarray:
@@ -188,10 +193,10 @@ def add_predict_routes(app: FastAPI, answers: Answers) -> None:
     settings, predictor = answers.settings, answers.predictor
     topk_q = Query(None, ge=1, description=f"classes per image (default serve.topk={settings.topk})")
     cam_q = Query(False, description="add the Grad-CAM overlay of the top class (base64 PNG)")
-    layer_q = Query("layer4", description=f"CAM layer: {', '.join(predictor.backend.layers)}")
+    layer_q = Query(None, description=f"CAM layer: {', '.join(predictor.cam_layers) or 'none'} (default: the last)")
 
     @app.post("/v1/predict", openapi_extra=IMAGE_BODY, summary="Top-k classes (and Grad-CAM) of one image")
-    async def predict(request: Request, topk: int | None = topk_q, cam: bool = cam_q, layer: str = layer_q
+    async def predict(request: Request, topk: int | None = topk_q, cam: bool = cam_q, layer: str | None = layer_q
                       ) -> dict[str, Any]:
         t0 = time.perf_counter()
         k, cam_layer = answers.check_query(topk, cam, layer)
@@ -204,7 +209,7 @@ def add_predict_routes(app: FastAPI, answers: Answers) -> None:
     @app.post("/v1/predict/batch", openapi_extra=BATCH_BODY,
               summary=f"Top-k classes of up to {settings.max_batch_images} images (one result each)")
     async def predict_batch(request: Request, topk: int | None = topk_q, cam: bool = cam_q,
-                            layer: str = layer_q) -> dict[str, Any]:
+                            layer: str | None = layer_q) -> dict[str, Any]:
         t0 = time.perf_counter()
         k, cam_layer = answers.check_query(topk, cam, layer)
         ctype = request.headers.get("content-type", "")

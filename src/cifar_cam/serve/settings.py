@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
-ALL_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 FORMATS = "PNG, JPEG, BMP, GIF, TIFF, WebP, PPM"
 
 

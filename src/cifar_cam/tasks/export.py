@@ -29,6 +29,7 @@ from cifar_cam.inference import contract, readers, writers
 from cifar_cam.inference.predictor import Predictor
 from cifar_cam.io import atomic_path, sha256, write_json
 from cifar_cam.logs import percent
+from cifar_cam.models import describe_model, head_averages, model_options
 from cifar_cam.provenance import package_version
 from cifar_cam.tasks.common import checkpoint_and_config, load_data, run_dir, setup_runtime
 from cifar_cam.training.checkpoint import (
@@ -63,6 +64,10 @@ def model_card(payload: dict[str, Any], cfg: DictConfig, module: contract.Deploy
     height, width = fit.size
     with torch.inference_mode():
         _, features = module(torch.zeros(1, height, width, 3, dtype=torch.uint8))
+    network = module.model
+    layer = network.feature_layer
+    averages = head_averages(network, features.float())
+    has_cam = features.ndim == 4 and network.get_classifier().in_features == features.shape[1]
     path = Path(payload["path"]).resolve()
     classes = list(payload["classes"])
     mean, std = normalization_of(payload)
@@ -71,19 +76,25 @@ def model_card(payload: dict[str, Any], cfg: DictConfig, module: contract.Deploy
         "format_version": contract.FORMAT_VERSION,
         "classes": classes,
         "num_classes": len(classes),
-        "architecture": {"name": cfg.model.name, "width": int(cfg.model.width)},
+        "architecture": {"name": str(cfg.model.name), "source": str(cfg.model.get("source") or "cifar_cam"),
+                         "description": describe_model(cfg.model), **model_options(cfg.model)},
+        "feature_layer": layer,
+        "cam_layers": list(network.cam_layers),
         "image_size": height if fit.square else [height, width],
         "resize": fit.to_dict(),  # how any image becomes the input: predict and serve do the same
         "input": {"name": contract.INPUT_NAME, "dtype": "uint8", "layout": "NHWC", "color": "RGB",
                   "shape": [None, height, width, 3], "range": [0, 255]},
         "outputs": [
             {"name": "logits", "dtype": "float32", "shape": [None, len(classes)]},
-            {"name": "features", "dtype": "float32", "shape": [None, *features.shape[1:]], "layer": "layer4"},
+            {"name": "features", "dtype": "float32", "shape": [None, *features.shape[1:]], "layer": layer},
         ],
         "mean": list(mean), "std": list(std),
         "normalization": "inside the model: (pixels / 255 - mean) / std, NHWC -> NCHW",
-        "cam": f"CAM of class c = relu(sum_k {contract.FC_KEY}.weight[c, k] * features[k]), min-max scaled, "
-               "bilinearly resized to the input: equals Grad-CAM at layer4",
+        "cam": None if not has_cam else (
+            f"CAM of class c = relu(sum_k {contract.FC_KEY}.weight[c, k] * features[k]), min-max scaled, bilinearly "
+            "resized to the input: " + (f"equals Grad-CAM at {layer}" if averages else
+                                        "the class activation map (the head does not average, so Grad-CAM differs)")),
+        "cam_equals_gradcam": averages,
         "source": {"checkpoint": str(path), "sha256": sha256(path), "epoch": payload.get("epoch")},
         "test_accuracy": accuracy,
         "test_accuracy_precision": precision,  # what the run's test was computed at (eval.precision)

@@ -175,11 +175,11 @@ def gradcam(cfg: DictConfig) -> float:
     out = run_dir()
     payload, cfg = checkpoint_and_config(cfg, "gradcam")
     g = cfg.gradcam
-    layers = [str(name) for name in g.target_layers]
     methods = [str(m) for m in g.methods] if g.get("methods") else [str(g.method)]
     smoothing = {k: True for k in ("aug_smooth", "eigen_smooth") if g.get(k, False)}
     device = setup_runtime(cfg)
     model = checkpoint_model(payload, device)
+    layers = [str(name) for name in (g.target_layers or model.cam_layers)]  # null: the architecture's own
     resolve_layers(model, layers)  # unknown layer names fail before the data loads, not after the test pass
     splits = load_data(cfg, payload, out).normalized_as(*normalization_of(payload))  # the run's data, as trained
     check_classes(payload, splits)
@@ -233,7 +233,7 @@ def gradcam(cfg: DictConfig) -> float:
 
     started = time.perf_counter()
     k = min(ACTIVATION_IMAGES, len(rows))
-    stages = [name for name, _ in model.named_children() if name.startswith("layer")]
+    stages = [name for name, _ in model.named_children() if name.startswith("layer")] or list(model.cam_layers)
     activations = channel_mean_activations(model, x[:k], stages) if stages else {}
 
     index = splits.test.index[rows.numpy()]

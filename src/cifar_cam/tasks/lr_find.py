@@ -20,11 +20,12 @@ from torch import nn
 from cifar_cam.config.validate import validate
 from cifar_cam.data.augment import TrainBatches, build_train_batches
 from cifar_cam.data.batches import resolve_num_workers
-from cifar_cam.models import build_model
+from cifar_cam.models import model_from_config
 from cifar_cam.tasks.common import checkpoint_and_config, group_choices, load_data, run_dir, setup_runtime
 from cifar_cam.training.lr_finder import range_test_to_files, train_command
 from cifar_cam.training.run import memory_format_for
 from cifar_cam.training.supervise import Supervisor
+from cifar_cam.training.weights import start_weights
 
 log = logging.getLogger("cifar_cam.lr_find")
 
@@ -38,10 +39,12 @@ def _build(cfg: DictConfig) -> tuple[nn.Module, TrainBatches, nn.Module, torch.d
         validate(cfg, "lr-find")
     device = setup_runtime(cfg)
     splits = load_data(cfg)
-    model = build_model(cfg.model.name, num_classes=splits.num_classes, width=cfg.model.width)
+    model = model_from_config(cfg.model, splits.num_classes, splits.image_size)
+    start_weights(model, cfg, splits, None)  # model.pretrained / the architecture's data-dependent init; freeze
     model.to(device, memory_format=memory_format_for(model, device, cfg.trainer.channels_last))
     batches = build_train_batches(splits.train, cfg.aug, batch_size=cfg.data.batch_size,
-                                  num_workers=resolve_num_workers(cfg.data.num_workers), seed=cfg.seed, device=device)
+                                  num_workers=resolve_num_workers(cfg.data.num_workers), seed=cfg.seed, device=device,
+                                  mean=splits.mean, std=splits.std, sampler=cfg.data.get("sampler"))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing)
     return model, batches, criterion, device, cfg
 

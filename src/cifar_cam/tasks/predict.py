@@ -122,11 +122,18 @@ def predict_images(cfg: DictConfig) -> float:
     predictor = Predictor.load(cfg.ckpt, device=cfg.trainer.device, batch_size=p.batch_size,
                                precision=cfg.trainer.precision, threads=threads, max_pixels=p.max_pixels,
                                calibration=p.get("calibration"))
-    if p.cam and p.layer not in predictor.backend.layers:
+    if p.cam and not predictor.cam_layers:
+        predictor.cam(np.zeros((0, 8, 8, 3), np.uint8))  # says why there is no CAM, in one line
+    layer = str(p.layer or (predictor.cam_layers or ("",))[-1])  # null: the model's feature layer
+    if p.cam and predictor.kind != "torch" and layer not in predictor.cam_layers:
         from cifar_cam.errors import ConfigError
 
-        raise ConfigError(f"predict.layer={p.layer}: a {predictor.kind} model gives CAM at layer4 only; "
-                          "pass predict.layer=layer4 or ckpt=<the .pt checkpoint>")
+        raise ConfigError(f"predict.layer={layer}: a {predictor.kind} model gives CAM at {predictor.cam_layers[-1]} "
+                          f"only; pass predict.layer={predictor.cam_layers[-1]} or ckpt=<the .pt checkpoint>")
+    if p.cam and predictor.kind == "torch":
+        from cifar_cam.explain.hooks import resolve_layers
+
+        resolve_layers(predictor.backend.model, [layer])  # a name the model lacks: one line, before any image
     inputs = split_inputs(cfg.ckpt, p.split) if p.get("split") else find_inputs(cfg.inputs)
     classes = set(predictor.classes)
     log.info("model: %s (%s, %d classes, %s); %d images", predictor.source, predictor.kind, len(classes),
@@ -144,7 +151,7 @@ def predict_images(cfg: DictConfig) -> float:
         done = 0
         for batch in batches:
             results = predictor.top(predictor.logits(batch.pixels), k) if batch.ok else []
-            maps = (predictor.cam(batch.pixels, p.layer, targets=[r.indices[0] for r in results])
+            maps = (predictor.cam(batch.pixels, layer, targets=[r.indices[0] for r in results])
                     if p.cam and batch.ok else None)
             by_position = dict(zip(batch.ok, range(len(batch.ok)), strict=True))
             for i, item in enumerate(batch.inputs):
@@ -165,7 +172,7 @@ def predict_images(cfg: DictConfig) -> float:
                         cam_dir.mkdir(exist_ok=True)
                         title = f"{Path(item.path).name[:40]}\n{result.label} {result.probability:.0%}" + (
                             f" (true: {truth})" if truth else "")
-                        viz.plot_cam_single(batch.pixels[j], maps[j], name, title=title, layer=p.layer)
+                        viz.plot_cam_single(batch.pixels[j], maps[j], name, title=title, layer=layer)
                         row["cam"] = str(name.relative_to(out))
                         if len(sheet) < p.contact_sheet:
                             sheet.append((batch.pixels[j], maps[j], f"{result.label} {result.probability:.0%}"
@@ -177,7 +184,7 @@ def predict_images(cfg: DictConfig) -> float:
                 rows.append(row)
             done += len(batch.inputs)
             bars.update_inner(done, f"{len(failed)} failed" if failed else "")
-    accuracy = _write(out, rows, k, predictor, sheet, p.layer)
+    accuracy = _write(out, rows, k, predictor, sheet, layer)
     if failed:
         raise SomeInputsFailed(f"{len(failed)} of {len(rows)} inputs could not be read (first: {failed[0]['path']}: "
                                f"{failed[0]['status'][7:]}); the others are in {out / 'predictions.csv'}")

@@ -143,16 +143,18 @@ def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> 
 
 def model_from_checkpoint(payload: dict[str, Any]) -> torch.nn.Module:
     """Rebuilds the architecture from the checkpoint's own config (not the current flags) and loads it."""
-    from cifar_cam.models import build_model
+    from cifar_cam.models import describe_model, model_from_config
 
-    model_cfg = payload["config"].get("model", {})
-    name, width, num_classes = model_cfg.get("name", "resnet18"), model_cfg.get("width", 64), len(payload["classes"])
+    model_cfg = dict(payload["config"].get("model", {}))
+    if model_cfg.get("name", "resnet18") == "resnet18" and not model_cfg.get("source"):
+        model_cfg.setdefault("width", 64)  # checkpoints from before the zoo: resnet18 at its width
+    num_classes = len(payload["classes"])
     try:
-        model = build_model(name, num_classes=num_classes, width=width)
+        model = model_from_config(model_cfg, num_classes, fit_of(payload).size)
         model.load_state_dict(payload["model"])
     except (ValueError, RuntimeError, KeyError) as e:
         first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"ckpt={payload.get('path')}: weights do not fit {name} width {width} with "
+        raise CheckpointError(f"ckpt={payload.get('path')}: weights do not fit {describe_model(model_cfg)} with "
                               f"{num_classes} classes ({first})") from e
     return model
 

@@ -22,6 +22,7 @@ from cifar_cam.data.mix import MixedBatches
 from cifar_cam.errors import DivergenceError, TrainingInterrupted
 from cifar_cam.io import write_csv, write_json
 from cifar_cam.logs import Bars, percent
+from cifar_cam.models import describe_model
 from cifar_cam.training import distributed
 from cifar_cam.training.budget.lr_schedules import in_scheduler_steps
 from cifar_cam.training.budget.probe import replan_after, sizes_text
@@ -52,7 +53,7 @@ def train_epochs(run: Run, state: RunState, sup: Supervisor) -> bool:
         log.info("removed %s, the remains of a checkpoint write that was killed", stale.name)
     if t.early_stopping.patience is not None and run.val_batches is None:
         log.info("early stopping is off: it needs a val split (data.val_size > 0); best.pt is the last epoch")
-    log.info("model: %s width %d, %s parameters, on %s%s%s", cfg.model.name, cfg.model.width, f"{run.num_params:,}",
+    log.info("model: %s, %s parameters, on %s%s%s", describe_model(cfg.model), f"{run.num_params:,}",
              run.device, "" if run.amp_dtype is None else f", {precision_name(run.amp_dtype)} autocast",
              ", compiled" if t.compile else "")
     log.info("run dir: %s", run.out)

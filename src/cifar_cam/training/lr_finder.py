@@ -21,7 +21,6 @@ from unittest import mock
 import numpy as np
 import torch
 import torch_lr_finder.lr_finder as lr_finder_module
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch_lr_finder import LRFinder, TrainDataLoaderIter
@@ -32,7 +31,9 @@ from cifar_cam.data.augment import TrainBatches
 from cifar_cam.errors import DivergenceError, TrainingInterrupted
 from cifar_cam.io import write_json
 from cifar_cam.logs import Bars
+from cifar_cam.models import describe_model
 from cifar_cam.training.device import resolve_precision
+from cifar_cam.training.optim import build_optimizer
 from cifar_cam.training.supervise import Supervisor
 
 log = logging.getLogger("cifar_cam.lr_find")
@@ -172,7 +173,7 @@ def range_test_to_files(cfg: DictConfig, model: nn.Module, batches: TrainBatches
     lf = cfg.lr_find
     # A fresh optimizer of the configured kind: no scheduler may wrap it (GOTCHAS #81), and the one
     # training uses is built after this test, from scratch.
-    optimizer = instantiate(cfg.optimizer, lr=float(lf.start_lr))(model.parameters())
+    optimizer = build_optimizer(cfg.optimizer, model, lr=float(lf.start_lr))
     amp_dtype = resolve_precision(cfg.trainer.precision, device)
     report_every = max(1, lf.num_iter // 10)
     log.info("LR range test: %d steps, lr %.3g -> %.3g (exponential), %s, batch %d", lf.num_iter, lf.start_lr,
@@ -216,7 +217,7 @@ def range_test_to_files(cfg: DictConfig, model: nn.Module, batches: TrainBatches
         "batch_size": cfg.data.batch_size, "seconds": round(result.seconds, 3),
         "lr": result.lrs, "loss": result.losses,
     })
-    title = (f"LR range test: {cfg.model.name} width {cfg.model.width}, {type(optimizer).__name__}, "
+    title = (f"LR range test: {describe_model(cfg.model)}, {type(optimizer).__name__}, "
              f"batch {cfg.data.batch_size}, {result.steps} steps"
              + (f"\nfresh weights, the recipe of {cfg.ckpt}" if cfg.get("ckpt") else ""))
     viz.plot_lr_find(result.lrs, result.losses, out / "lr_find.png", suggested_lr=result.suggested_lr,

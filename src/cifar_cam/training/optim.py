@@ -17,9 +17,10 @@ Written here rather than taken from `torch.optim.Muon` (torch >= 2.9 only, 2-d p
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cifar_cam.training.device import cuda_has_bf16
 
@@ -57,7 +58,8 @@ class Muon(torch.optim.Optimizer):
     """Muon on conv filters (`is_filter`), Nesterov SGD with weight decay on all other parameters.
 
     Two param groups, both scheduled through `lr`: group 0 the filters, group 1 the rest, whose
-    step uses `lr * aux_lr_scale` (so schedulers, which rewrite every group's `lr`, keep the ratio).
+    step uses `lr * aux_lr_scale` (so schedulers, which rewrite every group's `lr`, keep the ratio). Given
+    param groups (build_optimizer's backbone / classifier), each splits the same way.
     3 Newton-Schulz iterations by default, as airbench (Muon's usual 5 cost more per step).
     """
 
@@ -70,12 +72,16 @@ class Muon(torch.optim.Optimizer):
         if ns_steps < 1:
             raise ValueError(f"ns_steps must be >= 1, got {ns_steps}")
         params = list(params)
-        if params and isinstance(params[0], dict):
-            raise TypeError("Muon splits the parameters itself: pass model.parameters(), not param groups")
-        groups = [
-            {"params": [p for p in params if is_filter(p)], "muon": True, "weight_decay": 0.0, "lr_scale": 1.0},
-            {"params": [p for p in params if not is_filter(p)], "muon": False, "lr_scale": aux_lr_scale},
-        ]
+        incoming = params if params and isinstance(params[0], dict) else [{"params": params}]
+        groups = []
+        for given in incoming:  # each group splits in two: its filters (Muon) and the rest (SGD)
+            extra = {k: v for k, v in given.items() if k not in ("params", "muon")}
+            ps = list(given["params"])
+            takes = given.get("muon", True)  # False: an architecture's filters it leaves to SGD (Network.no_muon)
+            groups += [{**extra, "params": [p for p in ps if takes and is_filter(p)], "muon": True,
+                        "weight_decay": 0.0, "lr_scale": 1.0},
+                       {**extra, "params": [p for p in ps if not (takes and is_filter(p))], "muon": False,
+                        "lr_scale": aux_lr_scale}]
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps)
         super().__init__([g for g in groups if g["params"]], defaults)
 
@@ -128,3 +134,50 @@ class Muon(torch.optim.Optimizer):
             for i, u in zip(indices, orthogonalize(stack, steps, dtype), strict=True):
                 result[i] = u.view_as(filters[i])
         return result
+
+
+# -- building any optimizer over a model --------------------------------------------------------------------------
+
+def apply_lr_factors(optimizer: torch.optim.Optimizer) -> None:
+    """Each group's step runs at lr x its `lr_factor`: schedulers keep setting one lr for every group, and the
+    factor is applied around each step (step hooks), so any optimizer and any scheduler keep the ratio."""
+    def scale(opt: torch.optim.Optimizer, *_: object) -> None:
+        for group in opt.param_groups:
+            group["lr"] *= group.get("lr_factor", 1.0)
+
+    def unscale(opt: torch.optim.Optimizer, *_: object) -> None:
+        for group in opt.param_groups:
+            group["lr"] /= group.get("lr_factor", 1.0)
+
+    optimizer.register_step_pre_hook(scale)
+    optimizer.register_step_post_hook(unscale)
+
+
+def build_optimizer(optimizer_cfg: Any, model: nn.Module, **overrides: Any) -> torch.optim.Optimizer:
+    """`optimizer.*` over the model's trainable parameters (frozen ones are left out). With
+    optimizer.backbone_lr_scale != 1 the classifier steps at lr and everything else at lr x the scale; Muon
+    leaves the architecture's `no_muon` filters to SGD. `overrides`: keys to replace (lr-find's start LR)."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.to_container(optimizer_cfg, resolve=True) if OmegaConf.is_config(optimizer_cfg) \
+        else dict(optimizer_cfg)
+    scale = float(spec.pop("backbone_lr_scale", 1.0))
+    spec.update(overrides)
+    factory = instantiate(spec)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    is_muon = str(spec.get("_target_", "")).endswith(".Muon")
+    no_muon = tuple(getattr(model, "no_muon", ())) if is_muon else ()
+    if scale == 1.0 and not no_muon:
+        return factory([p for _, p in trainable])
+    classifier = model.get_classifier() if scale != 1.0 else None  # type: ignore[operator]
+    head = {id(p) for p in classifier.parameters()} if classifier is not None else set()
+    groups: dict[tuple[float, bool], list[Tensor]] = {}
+    for name, p in trainable:
+        factor = 1.0 if id(p) in head or scale == 1.0 else scale
+        muon = not any(name == m or name.startswith(m + ".") for m in no_muon)
+        groups.setdefault((factor, muon), []).append(p)
+    optimizer = factory([{"params": ps, "lr_factor": factor, **({} if muon else {"muon": False})}
+                         for (factor, muon), ps in groups.items()])
+    apply_lr_factors(optimizer)
+    return optimizer

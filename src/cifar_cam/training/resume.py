@@ -31,9 +31,12 @@ log = logging.getLogger("cifar_cam")
 
 # What defines a run: resuming with another value would not load, or would silently change the data
 # (another seed reshuffles the val split into train). Everything else may change on resume.
-RUN_KEYS = ("seed", "model.name", "model.width", "data.source", "data.num_classes", "data.train_size",
+RUN_KEYS = ("seed", "model.source", "model.name", "model.width", "model.depth", "model.widen", "model.widths",
+            "model.small_input", "model.freeze", "data.source", "data.num_classes", "data.train_size",
             "data.val_size", "data.subset", "data.image_size", "data.batch_size", "optimizer._target_",
-            "scheduler._target_", "scheduler.interval")
+            "optimizer.backbone_lr_scale", "scheduler._target_", "scheduler.interval")
+# what a key meant in checkpoints written before it existed
+BEFORE_THE_KEY = {"model.freeze": "none", "optimizer.backbone_lr_scale": 1.0}
 
 OPTIMIZER_GROUP_KEYS = ("momentum", "betas", "nesterov", "weight_decay", "eps", "dampening", "ns_steps")
 
@@ -43,7 +46,7 @@ def check_resume(cfg: DictConfig, payload: dict[str, Any]) -> None:
     fewer epochs, a stretched schedule, an older file."""
     stored = OmegaConf.create(payload["config"])
     for key in RUN_KEYS:
-        old, new = OmegaConf.select(stored, key, default=None), OmegaConf.select(cfg, key, default=None)
+        old, new = (OmegaConf.select(c, key, default=BEFORE_THE_KEY.get(key)) for c in (stored, cfg))
         if old != new:
             raise ConfigError(f"{key}={new} differs from the run being resumed ({key}={old}); resume with the "
                               "run's own value, or start a new run without ckpt=")

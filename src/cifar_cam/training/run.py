@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
@@ -26,17 +25,19 @@ from cifar_cam.data.augment import build_train_batches
 from cifar_cam.data.batches import EvalBatches, epoch_image_size, resolve_num_workers
 from cifar_cam.errors import ConfigError
 from cifar_cam.io import write_csv
-from cifar_cam.models import build_model
+from cifar_cam.models import model_from_config
 from cifar_cam.training import distributed
 from cifar_cam.training.budget.planner import Plan
 from cifar_cam.training.checkpoint import check_classes, copy_checkpoint, rng_state, save_checkpoint, set_rng_state
 from cifar_cam.training.device import autocast, input_memory_format, resolve_precision, training_memory_format
 from cifar_cam.training.ema import WeightEma
 from cifar_cam.training.engine import EpochTotals
+from cifar_cam.training.optim import build_optimizer
 from cifar_cam.training.resume import apply_resume_changes, resume_changes
 from cifar_cam.training.schedulers import build_scheduler
 from cifar_cam.training.supervise import Supervisor
 from cifar_cam.training.trackers import Trackers
+from cifar_cam.training.weights import freeze, start_weights
 
 log = logging.getLogger("cifar_cam.train")
 
@@ -194,9 +195,12 @@ def build_run(cfg: DictConfig, out: Path, splits: DataSplits, device: torch.devi
     note_validation_cost(splits)
     if resume is not None:
         check_classes(resume, splits)
-    model = build_model(cfg.model.name, num_classes=splits.num_classes, width=cfg.model.width)
+    model = model_from_config(cfg.model, splits.num_classes, splits.image_size)
     if resume is not None:  # with an EMA, `model` holds the average and `model_raw` the trained weights
         model.load_state_dict(resume.get("model_raw", resume["model"]))
+        freeze(model, cfg.model.get("freeze"))
+    else:
+        start_weights(model, cfg, splits, out if world.is_main else None)
     model.to(device, memory_format=memory_format_for(model, device, t.channels_last))
     ema = None
     ema_cfg = t.get("ema") or {}  # absent in configs of checkpoints from before the key
@@ -223,7 +227,7 @@ def build_run(cfg: DictConfig, out: Path, splits: DataSplits, device: torch.devi
         cfg = cfg.copy()
         with open_dict(cfg):
             cfg.optimizer.lr = suggest_lr_for_training(cfg, model, batches, criterion, device, out, sup)
-    optimizer = instantiate(cfg.optimizer)(model.parameters())
+    optimizer = build_optimizer(cfg.optimizer, model)
     scheduler, interval = build_scheduler(cfg, optimizer, t.epochs, len(batches))
     amp_dtype = resolve_precision(t.precision, device)
     # Evaluation uses the plain `model` (eager): a compiled one would recompile for eval mode and other batch sizes;

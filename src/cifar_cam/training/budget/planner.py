@@ -229,7 +229,7 @@ class RunFacts:
     batch_size: int
     steps_per_epoch: int      # per process: ceil(train_images / world_size / batch_size), or floor with compile
     model: str
-    width: int
+    width: int | None         # model.width (None: an architecture without one)
     image_size: int           # the full training image size (px)
     world_size: int = 1
 

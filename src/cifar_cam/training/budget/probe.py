@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from cifar_cam.config.durations import format_duration, time_budget_seconds
@@ -36,6 +35,7 @@ from cifar_cam.training.budget.planner import Overhead, Plan, RunFacts, replan, 
 from cifar_cam.training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from cifar_cam.training.device import autocast, input_memory_format
 from cifar_cam.training.engine import backward_and_step, collect_logits
+from cifar_cam.training.optim import build_optimizer
 from cifar_cam.training.run import Run, RunState, checkpoint_payload
 from cifar_cam.training.supervise import Supervisor
 
@@ -49,7 +49,7 @@ def run_facts(run: Run) -> RunFacts:
     """What a plan must have been made for to be replayed by this run."""
     cfg = run.cfg
     return RunFacts(train_images=len(run.splits.train), batch_size=cfg.data.batch_size,
-                    steps_per_epoch=run.steps_per_epoch, model=cfg.model.name, width=cfg.model.width,
+                    steps_per_epoch=run.steps_per_epoch, model=cfg.model.name, width=cfg.model.get("width"),
                     image_size=run.full_size, world_size=run.world.size)
 
 
@@ -107,7 +107,7 @@ def probe(run: Run, state: RunState, sizes: list[int], sup: Supervisor) -> tuple
     ema_saved = None if run.ema is None else ({k: v.clone() for k, v in run.ema.state_dict().items()},
                                               run.ema.updates)
     rng = rng_state(device)
-    optimizer = instantiate(cfg.optimizer)(run.model.parameters())
+    optimizer = build_optimizer(cfg.optimizer, run.model)
     scaler = None if run.scaler is None else torch.amp.GradScaler(device.type)  # the run's keeps its scale
     memory_format = input_memory_format(run.model)
     run.batches.set_epoch(0)
