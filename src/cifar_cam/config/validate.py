@@ -344,6 +344,13 @@ def _validate_serve(c: DictConfig, command: str) -> None:
     _check(c, "serve.gallery", lambda v: isinstance(v, str) and v != "", "null or a gradcam run dir", optional=True)
     _check(c, "serve.calibration", _a_path,
            "null or a calibration.json / an eval run dir", optional=True)
+    _check(c, "serve.max_queue", _int_at_least(1), "an integer >= 1 (images waiting for a forward pass)")
+    _check(c, "serve.timeout_s", _positive, "a number of seconds > 0")
+    _check(c, "serve.metrics", _is_bool, "true or false")
+    _check(c, "serve.metrics_key", _is_bool, "true or false")
+    _check(c, "serve.access_log", lambda v: isinstance(v, str) and v != "",
+           "null (off), - (standard output) or a file (relative: in the run dir)", optional=True)
+    _check(c, "serve.drain_s", lambda v: _is_number(v) and v >= 0, "a number of seconds >= 0")
 
 
 def _validate_ckpt(c: DictConfig, command: str) -> None:
