@@ -56,9 +56,9 @@ def fake_predictor(delay: float = 0.0, gate: threading.Event | None = None) -> P
                      card={"classes": CLASSES, "image_size": 32})
 
 
-def samples(client: Any, **headers: str) -> dict[tuple[str, tuple], float]:
+def samples(client: Any, url: str = "", **headers: str) -> dict[tuple[str, tuple], float]:
     """/metrics parsed by prometheus-client: {(sample name, sorted labels): value}."""
-    r = client.get("/metrics", headers=headers)
+    r = client.get(f"{url}/metrics", headers=headers)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain"), r.text
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(r.text) for s in family.samples}
@@ -301,3 +301,47 @@ def test_new_serve_keys_are_validated(key: str, value: str) -> None:
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(compose_cfg("serve", ["ckpt=x", f"{key}={value}"]), "serve")
+
+
+def test_two_workers_report_their_metrics_together(trained_run: Path, tmp_path: Path) -> None:
+    """serve.workers=2: /metrics, whichever worker answers it, adds up both (prometheus-client's multiprocess
+    directory in the run dir); SIGTERM stops both and exits 0."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "CIFAR_CAM_CACHE": str(tmp_path / ".cache")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "cifar_cam", "serve", f"ckpt={trained_run}", "serve.workers=2",
+                             f"serve.port={port}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                found = samples(httpx, url)  # a new connection each time: any worker may answer
+                if len({dict(ls).get("pid") for (n, ls), _ in found.items()
+                        if n == "cifar_cam_model_load_seconds"}) == 2:
+                    break
+            except (httpx.TransportError, AssertionError):
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "the two workers did not start"
+            time.sleep(0.2)
+        for seed in range(12):
+            assert httpx.post(f"{url}/v1/predict", content=png(seed=seed)).status_code == 200
+        for _ in range(3):  # whichever worker answers the scrape, it counts both workers' requests
+            found = samples(httpx, url)
+            assert total(found, "cifar_cam_requests_total", route="/v1/predict", status="200") == 12
+            assert total(found, "cifar_cam_predictions_total") == 12
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate()[0]
+    assert "metrics of the 2 workers" in out, out

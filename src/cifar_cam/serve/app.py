@@ -77,6 +77,7 @@ def create_app(predictor: Predictor, settings: Settings | None = None, load: Cal
     slot = ModelSlot(Loaded(predictor, model_info(predictor, settings), load_seconds), settings, metrics, load)
     lifecycle = Lifecycle(settings.drain_s)
     batcher = Batcher(settings.max_batch, settings.max_wait_ms, settings.max_queue, metrics)
+    metrics.watch(lambda: len(batcher.pending), lambda: lifecycle.in_flight)
     gallery = load_gallery(settings.gallery) if settings.gallery else None
 
     async def warm_up() -> None:

@@ -90,7 +90,8 @@ class Batcher:
         """Queues one admitted image; the future gives its (logits, CAM map or None)."""
         future = asyncio.get_running_loop().create_future()
         self.pending.append(_Item(model, pixels, layer, future))
-        self.metrics.queue.set(len(self.pending))
+        if self.metrics.live_gauges:
+            self.metrics.queue.set(len(self.pending))
         assert self._wake is not None
         self._wake.set()
         return future
@@ -108,7 +109,8 @@ class Batcher:
         batch = []
         while self.pending and len(batch) < n and self.pending[0].model is model:
             batch.append(self.pending.popleft())
-        self.metrics.queue.set(len(self.pending))
+        if self.metrics.live_gauges:
+            self.metrics.queue.set(len(self.pending))
         return [b for b in batch if not b.future.done()]  # the client left, or its time ran out
 
     async def _loop(self) -> None:

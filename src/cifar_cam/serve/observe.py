@@ -69,7 +69,8 @@ class Observer:
         status, answered = 500, False
         if not quiet:
             lifecycle.in_flight += 1
-            metrics.in_flight.inc()
+            if metrics.live_gauges:
+                metrics.in_flight.inc()
 
         async def send_with_ids(message: dict[str, Any]) -> None:
             nonlocal status, answered
@@ -93,10 +94,12 @@ class Observer:
             seconds = time.monotonic() - started
             if not quiet:
                 lifecycle.in_flight -= 1
-                metrics.in_flight.dec()
+                if metrics.live_gauges:
+                    metrics.in_flight.dec()
             route = self._route(scope)
-            metrics.requests.labels(route, scope["method"], str(status)).inc()
-            metrics.latency.labels(route).observe(seconds)
+            if metrics.enabled:
+                metrics.child("requests", route, scope["method"], str(status)).inc()
+                metrics.child("latency", route).observe(seconds)
             if state.access_log is not None:
                 self._log_line(scope, request_id, route, status, seconds)
 

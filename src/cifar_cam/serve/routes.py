@@ -191,7 +191,7 @@ class Answers:
         admitted and queued)."""
         logits, heatmap = await (queued if queued is not None else self.batcher.submit(model, pixels, layer))
         pred = model.predictor.top(logits[None], k)[0]
-        self.metrics.predictions.labels(pred.classes[0]).inc()
+        self.metrics.child("predictions", pred.classes[0]).inc()
         self.metrics.confidence.observe(pred.probabilities[0])
         out: dict[str, Any] = {"classes": pred.classes, "probabilities": [round(p, 6) for p in pred.probabilities],
                                "model": model.id}
