@@ -43,7 +43,14 @@ from cifar_cam.serve.batcher import Batcher
 from cifar_cam.serve.gallery import add_gallery_routes, load_gallery
 from cifar_cam.serve.lifecycle import Lifecycle
 from cifar_cam.serve.metrics import Metrics
-from cifar_cam.serve.model_slot import Loaded, ModelCheckError, ModelSlot, model_info, warm_up_and_check
+from cifar_cam.serve.model_slot import (
+    Loaded,
+    ModelCheckError,
+    ModelSlot,
+    input_hw,
+    model_info,
+    warm_up_and_check,
+)
 from cifar_cam.serve.observe import Observer, open_access_log
 from cifar_cam.serve.routes import (
     Answers,
@@ -112,10 +119,11 @@ def create_app(predictor: Predictor, settings: Settings | None = None, load: Cal
                 app.state.access_log.close()
             metrics.process_exited()
 
+    height, width = input_hw(predictor)
     app = FastAPI(title="cifar-cam serve", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
                   description=f"A {predictor.kind} CIFAR classifier ({len(predictor.classes)} classes, "
-                              f"{predictor.image_size}x{predictor.image_size} px) with Grad-CAM. Every error is JSON "
-                              "{\"detail\": message}; every response carries X-Request-ID and X-Model-Id.")
+                              f"{height}x{width} px) with Grad-CAM. Every error is JSON {{\"detail\": message}}; "
+                              "every response carries X-Request-ID and X-Model-Id.")
     state = app.state
     state.predictor, state.settings, state.batcher, state.slot = predictor, settings, batcher, slot
     state.metrics, state.lifecycle, state.gallery, state.access_log = metrics, lifecycle, gallery, None

@@ -32,6 +32,12 @@ log = logging.getLogger("cifar_cam.serve")
 PROBE_IMAGES = 4
 
 
+def input_hw(predictor: Predictor) -> tuple[int, int]:
+    """(height, width) of the model's input (`image_size` is a side, or [H, W] for non-square models)."""
+    size = predictor.image_size
+    return (int(size), int(size)) if isinstance(size, int | np.integer) else (int(size[0]), int(size[1]))
+
+
 class ModelCheckError(Exception):
     """A model that loaded but does not answer as its card says (or does not load): not served."""
 
@@ -90,15 +96,16 @@ def warm_up_and_check(predictor: Predictor) -> float:
     """Runs a warm-up batch and checks the answers against the model's card: one logit per class of the card,
     all finite, the card's feature shape, and an image gives the same logits alone as in a batch (what
     micro-batching relies on). Returns the warm-up's seconds; ModelCheckError names what is wrong."""
-    size = predictor.image_size
-    probe = np.random.default_rng(0).integers(0, 256, (PROBE_IMAGES, size, size, 3), dtype=np.uint8)
+    h, w = input_hw(predictor)
+    probe = np.random.default_rng(0).integers(0, 256, (PROBE_IMAGES, h, w, 3), dtype=np.uint8)
     t0 = time.perf_counter()
     logits, features = predictor.backend.run(probe)
     seconds = time.perf_counter() - t0
     card = predictor.card
     classes = list(card.get("classes") or predictor.classes)
-    if card.get("image_size") not in (None, size):
-        raise ModelCheckError(f"its card says {card['image_size']} px, the model takes {size}")
+    said = card.get("image_size")
+    if said is not None and (tuple(said) if isinstance(said, list | tuple) else (said, said)) != (h, w):
+        raise ModelCheckError(f"its card says {said} px, the model takes {h}x{w}")
     if logits.shape != (PROBE_IMAGES, len(classes)):
         raise ModelCheckError(f"it gives logits of shape {tuple(logits.shape)} for {PROBE_IMAGES} images, its card "
                               f"names {len(classes)} classes")

@@ -183,7 +183,8 @@ class Answers:
 
     async def image(self, model: Loaded, data: bytes, name: str) -> np.ndarray:
         """An upload decoded to the model's input size (off the event loop); ApiError for a bad one."""
-        return await asyncio.to_thread(load_image, data, name, model.predictor.image_size, self.settings.max_pixels)
+        fit = getattr(model.predictor, "fit", model.predictor.image_size)  # how the model's input is made (its size)
+        return await asyncio.to_thread(load_image, data, name, fit, self.settings.max_pixels)
 
     async def answer(self, model: Loaded, pixels: np.ndarray, k: int, layer: str | None,
                      queued: asyncio.Future | None = None) -> dict[str, Any]:
