@@ -4,8 +4,8 @@
 
 Three measurements, each in one run on this machine (the CPU is printed; compare the ratios):
 
-- decode: images/s of decoding a folder of generated JPEGs into the cache at 64 px, with every core
-  (processes) against one process; the same files, the same code path (data.decode_pool).
+- decode: images/s of decoding a folder of generated JPEGs (--side px, photo-like sizes) into the cache at 64 px,
+  with every core (processes) against one process; the same files, the same code path (data.decode_pool).
 - epoch: one epoch of training batches read from the cache (the data path `cifar-cam train` uses, aug=none)
   against the loader a user would otherwise write: torchvision ImageFolder + DataLoader(num_workers=cores),
   decoding and resizing the same files every epoch, the same batch size.
@@ -267,19 +267,24 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="*", choices=["decode", "epoch", "memory"], default=["decode", "epoch", "memory"])
-    parser.add_argument("--images", type=int, default=4000, help="JPEGs (about 96 px) for decode and epoch")
+    parser.add_argument("what", nargs="*", help="decode, epoch and/or memory (default: all three)")
+    parser.add_argument("--images", type=int, default=8000, help="JPEGs for decode and epoch")
+    parser.add_argument("--side", type=int, default=160, help="their size (each side drawn from 0.75x to 1.25x)")
     parser.add_argument("--memory-gb", type=float, default=3.0, help="the memory set's decoded size at 224 px")
     parser.add_argument("--work", type=Path, default=Path("outputs/bench_data"), help="generated images, caches")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     opts = parser.parse_args(args)
-    if opts.images < CLASSES or opts.memory_gb <= 0:
-        parser.error("--images must be >= 10 and --memory-gb > 0")
+    opts.what = opts.what or ["decode", "epoch", "memory"]
+    if set(opts.what) - {"decode", "epoch", "memory"}:
+        parser.error(f"unknown measurement(s) {sorted(set(opts.what) - {'decode', 'epoch', 'memory'})}; "
+                     "choose from decode, epoch, memory")
+    if opts.images < CLASSES or opts.memory_gb <= 0 or opts.side < 8:
+        parser.error("--images must be >= 10, --side >= 8 and --memory-gb > 0")
     opts.work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {cpu_model()}, {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}", flush=True)
     result: dict[str, object] = {"cpu": cpu_model(), "cores": os.cpu_count()}
     if {"decode", "epoch"} & set(opts.what):
-        root = jpeg_tree(opts.work / f"jpegs-{opts.images}", opts.images, 96)
+        root = jpeg_tree(opts.work / f"jpegs-{opts.images}-{opts.side}", opts.images, opts.side)
         if "decode" in opts.what:
             result["decode"] = bench_decode(root, opts.work)
         if "epoch" in opts.what:

@@ -145,7 +145,7 @@ class Served:
 
 
 @pytest.fixture(scope="session")
-def served(trained_run: Path) -> Iterator[Served]:
+def served(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """The one server of the test run (test_serve, test_browser): the tiny run's model on a loopback port."""
     import httpx
 
@@ -164,7 +164,8 @@ def served(trained_run: Path) -> Iterator[Served]:
 
     predictor.backend.run = counted  # type: ignore[method-assign]
     settings = Settings(max_upload_mb=MAX_UPLOAD_MB, max_pixels=MAX_PIXELS, max_batch_images=MAX_BATCH_IMAGES,
-                        max_wait_ms=20, max_batch=32, topk=3)
+                        max_wait_ms=20, max_batch=32, topk=3,
+                        access_log=str(tmp_path_factory.mktemp("served") / "access.jsonl"))
     app = create_app(predictor, settings)
     with running(app) as (url, _server), httpx.Client(base_url=url, timeout=30) as client:
         yield Served(url, predictor, settings, app, calls, client)

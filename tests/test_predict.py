@@ -153,7 +153,6 @@ def test_inputs_lists_globs_archives_and_odd_names(tmp_path: Path, test_images: 
     (["ckpt=model.tflite", "inputs=."], "unknown model format '.tflite'"),
     (["predict.topk=0", "inputs=."], "predict.topk must be an integer >= 1"),
     (["ckpt=foreign.onnx", "inputs=."], "was not exported by cifar-cam"),
-    (["ckpt=foreign.onnx", "inputs=.", "predict.cam=true", "predict.layer=layer3"], "gives CAM at layer4 only"),
     (["inputs=empty"], "no image found"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args: list[str], needle: str, trained_run: Path, tmp_path: Path,

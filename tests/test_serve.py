@@ -9,6 +9,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +31,7 @@ from cifar_cam.inference.predictor import Predictor
 from cifar_cam.serve.app import create_app
 from cifar_cam.serve.server import running
 from cifar_cam.serve.settings import Settings
-from conftest import MAX_BATCH_IMAGES, MAX_UPLOAD_MB, Served  # noqa: E402  (the shared server)
+from conftest import MAX_BATCH_IMAGES, MAX_UPLOAD_MB, Served, only_run_dir  # noqa: E402  (the shared server)
 
 
 def png(size: tuple[int, int] = (32, 32), seed: int = 0) -> bytes:
@@ -233,7 +234,7 @@ def test_bad_fields_and_queries_are_422(served: Served, params: dict, files: Any
 def test_cam_on_a_layer_the_model_lacks(served: Served, trained_run: Path, tmp_path: Path) -> None:
     """An ONNX-like backend (CAM at layer4 only): layer2 is refused with 422, layer4 works."""
     predictor = Predictor.load(trained_run)
-    predictor.backend.layers = ("layer4",)  # what an .onnx / .pt2 model offers
+    predictor.backend.layers, predictor.kind = ("layer4",), "onnx"  # what an .onnx / .pt2 model offers
     with running(create_app(predictor, Settings(max_wait_ms=0))) as (url, _), httpx.Client(base_url=url) as c:
         r = c.post("/v1/predict", params={"cam": "true", "layer": "layer2"}, content=png())
         assert r.status_code == 422 and "layer4 only" in detail(r)
@@ -466,9 +467,15 @@ def test_factory_reads_the_spec_from_the_environment(trained_run: Path, monkeypa
 
 
 # -- the real command ------------------------------------------------------------------------------
-def test_serve_command_sigterm_exits_0(trained_run: Path, tmp_path: Path) -> None:
+def test_serve_command_reloads_on_sighup_and_drains_on_sigterm(trained_run: Path, tmp_path: Path) -> None:
+    """The real process: ready after warm-up; SIGHUP loads the ckpt= file again (a new model id in the header);
+    on SIGTERM /readyz turns 503 while a request in flight (half its body sent) is still answered, then exit 0."""
+    from test_serve_ops import other_checkpoint
+
+    live = tmp_path / "model.pt"
+    shutil.copy(trained_run / "checkpoints" / "best.pt", live)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CIFAR_CAM_CACHE": str(tmp_path / ".cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "cifar_cam", "serve", f"ckpt={trained_run}", "serve.port=0"],
+    proc = subprocess.Popen([sys.executable, "-m", "cifar_cam", "serve", f"ckpt={live}", "serve.port=0"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     found: dict[str, str] = {}
@@ -483,21 +490,30 @@ def test_serve_command_sigterm_exits_0(trained_run: Path, tmp_path: Path) -> Non
                 found["url"] = m.group(1)
                 ready.set()
 
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        assert ready.wait(60), "".join(lines)
-        deadline = time.monotonic() + 30
+    def until(check: Any, seconds: float = 30) -> None:
+        deadline = time.monotonic() + seconds
         while True:
             try:
-                if httpx.get(found["url"] + "/healthz", timeout=2).status_code == 200:
-                    break
+                if check():
+                    return
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, "".join(lines)
-            time.sleep(0.1)
-        assert httpx.post(found["url"] + "/v1/predict", content=png()).status_code == 200
+            time.sleep(0.05)
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(60), "".join(lines)
+        url = found["url"]
+        until(lambda: httpx.get(url + "/readyz", timeout=2).status_code == 200)
+        first = httpx.post(url + "/v1/predict", content=png())
+        assert first.status_code == 200
+        other_checkpoint(live, tmp_path / "next.pt").replace(live)
+        proc.send_signal(signal.SIGHUP)
+        until(lambda: httpx.post(url + "/v1/predict", content=png()).headers["x-model-id"]
+              != first.headers["x-model-id"])
         # a request in flight when SIGTERM comes (half its body sent) is still answered
-        host, port = found["url"].removeprefix("http://").split(":")
+        host, port = url.removeprefix("http://").split(":")
         body = png(seed=5)
         with socket.create_connection((host, int(port)), timeout=10) as s:
             s.sendall(f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
@@ -505,7 +521,9 @@ def test_serve_command_sigterm_exits_0(trained_run: Path, tmp_path: Path) -> Non
             time.sleep(0.3)
             t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
-            time.sleep(0.5)
+            time.sleep(0.3)
+            r = httpx.get(url + "/readyz", timeout=5)  # draining: still listening, no longer ready
+            assert r.status_code == 503 and "draining" in r.json()["detail"], r.text
             s.sendall(body[100:])
             answer = b""
             while chunk := s.recv(65536):
@@ -515,6 +533,10 @@ def test_serve_command_sigterm_exits_0(trained_run: Path, tmp_path: Path) -> Non
         assert code == 0, "".join(lines)
         assert time.monotonic() - t0 < 10
         assert any("stopping (SIGTERM)" in line for line in lines), "".join(lines)
+        assert any("reload (SIGHUP): now serving" in line for line in lines), "".join(lines)
+        access = [json.loads(x) for x in (only_run_dir(tmp_path / "outputs" / "serve") / "access.jsonl")
+                  .read_text().splitlines()]
+        assert {x["route"] for x in access} >= {"/readyz", "/v1/predict"}
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -6,7 +6,18 @@ training, explain -> data, models -> config -> the leaves (errors, io, logs, pro
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# No command opens a connection the user did not ask for. These are read when the library is imported, so they
+# go first (anything of cifar_cam imports this module before itself): albumentations asks PyPI for a newer
+# version of itself (DNS + HTTPS, up to 2 s) unless told not to; onnxruntime (1.32's Linux build) sends usage
+# events to Microsoft from a native thread after its import; model hubs stay offline (model.pretrained is always
+# a local file); MLflow and the hub send no usage data. A value the user set is kept.
+OFFLINE_ENV = {"NO_ALBUMENTATIONS_UPDATE": "1", "ORT_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+for _name, _value in OFFLINE_ENV.items():
+    os.environ.setdefault(_name, _value)
 
 __version__ = "0.1.0"
 __all__ = ["GradCAM", "Predictor", "load_model", "__version__"]

@@ -354,6 +354,13 @@ def _validate_serve(c: DictConfig, command: str) -> None:
     check(c, "serve.gallery", lambda v: isinstance(v, str) and v != "", "null or a gradcam run dir", optional=True)
     check(c, "serve.calibration", a_path,
            "null or a calibration.json / an eval run dir", optional=True)
+    check(c, "serve.max_queue", int_at_least(1), "an integer >= 1 (images waiting for a forward pass)")
+    check(c, "serve.timeout_s", positive, "a number of seconds > 0")
+    check(c, "serve.metrics", is_bool, "true or false")
+    check(c, "serve.metrics_key", is_bool, "true or false")
+    check(c, "serve.access_log", lambda v: isinstance(v, str) and v != "",
+           "null (off), - (standard output) or a file (relative: in the run dir)", optional=True)
+    check(c, "serve.drain_s", lambda v: is_number(v) and v >= 0, "a number of seconds >= 0")
 
 
 def _validate_look(c: DictConfig, command: str) -> None:

@@ -73,13 +73,22 @@ class _Backend:
         return contract.cam_from_features(features, fc_weight, classes, images.shape[1:3])
 
 
+def torch_cam_layers(model: torch.nn.Module) -> tuple[str, ...]:
+    """The CAM layers a .pt model offers: its stages (top-level layer* / block* modules) and declared CAM layers,
+    the feature layer last."""
+    declared = list(getattr(model, "cam_layers", None) or ("layer4",))
+    feature = getattr(model, "feature_layer", None) or declared[-1]
+    stages = [n for n, _ in model.named_children() if n.startswith(("layer", "block"))]
+    return (*[n for n in dict.fromkeys([*stages, *declared]) if n != feature], feature)
+
+
 class _TorchBackend(_Backend):
     """Any module of the model is a CAM layer here; `layers` are the ones the architecture declares."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
                  mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.model, self.device, self.amp_dtype, self.mean, self.std = model, device, amp_dtype, mean, std
-        self.layers = tuple(getattr(model, "cam_layers", None) or ("layer4",))
+        self.layers = torch_cam_layers(model)
         self.deployed = contract.DeployedModel(model, mean, std).to(device).eval()
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

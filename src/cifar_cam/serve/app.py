@@ -5,12 +5,15 @@
 Endpoints (routes.py): `POST /v1/predict` (one image: multipart field `file`, or the raw body),
 `POST /v1/predict/batch` (multipart field `files`), `GET /v1/model`, `GET /v1/gallery` and
 `GET /v1/gallery/{rank}/{layer}.png` (the mistakes of a `cifar-cam gradcam` run, with serve.gallery: gallery.py),
-`GET /healthz`, `GET /docs` (Swagger UI from the package's swagger-ui-bundle files: no CDN) and `GET /` (the page in
-`static/index.html`, or a placeholder).
+`POST /v1/admin/reload` (the model file loaded again: model_slot.py), the probes `GET /livez`, `GET /readyz`
+and `GET /healthz` (lifecycle.py), `GET /metrics` (Prometheus: metrics.py), `GET /docs` (Swagger UI from the
+package's swagger-ui-bundle files: no CDN) and `GET /` (the page in `static/index.html`, or a placeholder).
 
-Concurrent requests are gathered into one forward pass (batcher.py); forward passes run one at a time in a worker
-thread, decoding in the default thread pool, so the event loop only moves bytes. Uploads are read into memory, at
-most `max_upload_mb`, and never written to disk (uploads.py). Every error is JSON `{"detail": "<what to do>"}`.
+Concurrent requests are gathered into one forward pass (batcher.py), at most serve.max_queue images waiting and
+serve.timeout_s a request; forward passes run one at a time in a worker thread, decoding in the default thread
+pool, so the event loop only moves bytes. Uploads are read into memory, at most `max_upload_mb`, and never
+written to disk (uploads.py). Every error is JSON `{"detail": "<what to do>"}`; every response carries
+X-Request-ID and X-Model-Id (observe.py); the OpenAPI document says all of it (openapi.py).
 
 For `uvicorn --factory` (serve.workers > 1), `factory()` builds the app from the JSON in the environment
 variable CIFAR_CAM_SERVE_CONFIG: {"ckpt", "device", "precision", "threads", "batch_size", "settings": {...}}.
@@ -19,100 +22,178 @@ With `settings.calibration` (serve.calibration) the probabilities are softmax(lo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import os
+import signal
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 
-from cifar_cam.io import sha256
+from cifar_cam.serve import openapi
 from cifar_cam.serve.batcher import Batcher
 from cifar_cam.serve.gallery import add_gallery_routes, load_gallery
-from cifar_cam.serve.routes import Answers, ApiKeyMiddleware, add_docs_and_page, add_error_handlers, add_predict_routes
-from cifar_cam.serve.settings import FORMATS, Settings
-from cifar_cam.training.checkpoint import stored_test_accuracy
+from cifar_cam.serve.lifecycle import Lifecycle
+from cifar_cam.serve.metrics import Metrics
+from cifar_cam.serve.model_slot import (
+    Loaded,
+    ModelCheckError,
+    ModelSlot,
+    input_hw,
+    model_info,
+    warm_up_and_check,
+)
+from cifar_cam.serve.observe import Observer, open_access_log
+from cifar_cam.serve.routes import (
+    Answers,
+    ApiKeyMiddleware,
+    add_docs_and_page,
+    add_error_handlers,
+    add_predict_routes,
+    open_paths,
+)
+from cifar_cam.serve.settings import ApiError, Settings
 
 if TYPE_CHECKING:
     from cifar_cam.inference.predictor import Predictor
 
 ENV = "CIFAR_CAM_SERVE_CONFIG"
+log = logging.getLogger("cifar_cam.serve")
 
 
-def model_info(predictor: Predictor, settings: Settings) -> dict[str, Any]:
-    """The model card /v1/model answers with; its `id` is in every prediction."""
-    card = dict(predictor.card)
-    source = card.get("source") if isinstance(card.get("source"), dict) else {}
-    sha = source.get("sha256") if predictor.kind != "torch" else None
-    file_sha = sha256(predictor.source) if Path(predictor.source).is_file() else None
-    accuracy = card.get("test_accuracy")
-    if accuracy is None and predictor.kind == "torch" and Path(predictor.source).is_file():
-        accuracy = stored_test_accuracy(Path(predictor.source))
-    fit = predictor.fit
-    return {
-        "id": f"sha256:{file_sha[:16]}" if file_sha else "in-memory",
-        "source": predictor.source,
-        "source_sha256": file_sha,
-        "checkpoint_sha256": sha or file_sha,
-        "kind": predictor.kind,
-        "classes": list(predictor.classes),
-        "num_classes": len(predictor.classes),
-        "image_size": fit.height if fit.square else [fit.height, fit.width],
-        "input_size": [fit.height, fit.width],
-        "resize": fit.to_dict(),
-        "input": {"formats": FORMATS, "as": "multipart field 'file' (batch: 'files') or the raw request body",
-                  "decoded_to": f"uint8 RGB {fit.describe()}; transparency over white, EXIF orientation applied",
-                  "max_upload_mb": settings.max_upload_mb, "max_pixels": settings.max_pixels,
-                  "max_batch_images": settings.max_batch_images},
-        "cam_layers": list(predictor.cam_layers),
-        "topk_default": min(settings.topk, len(predictor.classes)),
-        "test_accuracy": accuracy,
-        "probabilities": "softmax(logits)" if predictor.calibration is None else
-                         f"softmax(logits / {predictor.temperature:.6g})",
-        "calibration": None if predictor.calibration is None else predictor.calibration.summary(),
-        "card": card,
-    }
+def create_app(predictor: Predictor, settings: Settings | None = None, load: Callable[[], Predictor] | None = None,
+               load_seconds: float = 0.0, workers: int = 1) -> FastAPI:
+    """The FastAPI app serving `predictor`, step by step: the model's slot, the batcher, the middleware, the routes.
 
-
-def create_app(predictor: Predictor, settings: Settings | None = None) -> FastAPI:
-    """The FastAPI app serving `predictor`: the batcher, the middleware, then the routes, step by step."""
+    `load` gives the model file loaded again (a reload; default: `predictor.source` when it is a file);
+    `workers` > 1: this is one of several processes (uvicorn --factory), whose warm-up finishes before the
+    process counts as started, and whose reload replaces every worker (SIGHUP to uvicorn's supervisor)."""
     settings = settings or Settings()
-    info = model_info(predictor, settings)
-    batcher = Batcher(predictor, settings.max_batch, settings.max_wait_ms)
-    height, width = predictor.image_size
+    metrics = Metrics(settings.metrics)
+    if load is None and Path(predictor.source).is_file():
+        spec = {"ckpt": predictor.source, "batch_size": predictor.batch_size, "settings": asdict(settings)}
+        load = lambda: load_predictor(spec)  # noqa: E731
+    slot = ModelSlot(Loaded(predictor, model_info(predictor, settings), load_seconds), settings, metrics, load)
+    lifecycle = Lifecycle(settings.drain_s)
+    batcher = Batcher(settings.max_batch, settings.max_wait_ms, settings.max_queue, metrics)
+    metrics.watch(lambda: len(batcher.pending), lambda: lifecycle.in_flight)
     gallery = load_gallery(settings.gallery) if settings.gallery else None
+
+    async def warm_up() -> None:
+        try:
+            seconds = await batcher.run(warm_up_and_check, predictor)
+        except ModelCheckError as e:
+            lifecycle.problem = str(e)
+            log.error("the model is not served: %s (%s)", e, predictor.source)
+            raise
+        slot.warmed_up(seconds)
+        lifecycle.ready = True
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
         batcher.start()
-        await batcher.run(predictor.logits, np.zeros((1, height, width, 3), np.uint8))  # warm-up
-        yield
-        await batcher.stop()
+        app.state.access_log = open_access_log(settings.access_log)
+        lifecycle.install_signals(slot.reload)
+        if workers > 1:
+            await warm_up()  # uvicorn's supervisor counts a worker as started (and retires the old) only after this
+            task = None
+        else:
+            task = asyncio.get_running_loop().create_task(warm_up(), name="warm-up")  # /readyz 503 until done
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # the error is logged in warm_up
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+            await batcher.stop()
+            lifecycle.restore_signals()
+            if app.state.access_log not in (None, sys.stdout):
+                app.state.access_log.close()
+            metrics.process_exited()
 
+    height, width = input_hw(predictor)
     app = FastAPI(title="cifar-cam serve", version="1", docs_url=None, redoc_url=None, lifespan=lifespan,
                   description=f"A {predictor.kind} image classifier ({len(predictor.classes)} classes, "
-                              f"{height}x{width} px) with Grad-CAM. Every error is JSON {{\"detail\": message}}.")
-    app.state.predictor, app.state.settings, app.state.batcher, app.state.info = predictor, settings, batcher, info
-    app.state.gallery = gallery
+                              f"{height}x{width} px) with Grad-CAM. Every error is JSON {{\"detail\": message}}; "
+                              "every response carries X-Request-ID and X-Model-Id.")
+    state = app.state
+    state.predictor, state.settings, state.batcher, state.slot = predictor, settings, batcher, slot
+    state.metrics, state.lifecycle, state.gallery, state.access_log = metrics, lifecycle, gallery, None
     if settings.api_key:
-        app.add_middleware(ApiKeyMiddleware, key=settings.api_key)
+        app.add_middleware(ApiKeyMiddleware, key=settings.api_key, open_paths=open_paths(settings))
+    app.add_middleware(Observer, state=state, router=app.router)  # outermost: 401s get ids and counts too
     add_error_handlers(app)
     add_gallery_routes(app, gallery)
     add_docs_and_page(app)
-    add_predict_routes(app, Answers(predictor, settings, batcher, info["id"]))
-
-    @app.get("/v1/model", summary="The model card: classes, input, accuracy, source checkpoint")
-    async def model() -> dict[str, Any]:
-        return info
-
-    @app.get("/healthz", summary="Liveness (needs no API key)")
-    async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "model": info["id"], "passes": batcher.passes, "images": batcher.images}
-
+    add_predict_routes(app, Answers(slot, settings, batcher, metrics, lifecycle))
+    add_operations_routes(app, slot, lifecycle, metrics, settings, workers)
+    openapi.install(app, open_paths(settings) if settings.api_key else None)
     return app
+
+
+def add_operations_routes(app: FastAPI, slot: ModelSlot, lifecycle: Lifecycle, metrics: Metrics,
+                          settings: Settings, workers: int) -> None:
+    """/v1/model, the probes (/healthz, /livez, /readyz), /metrics and POST /v1/admin/reload."""
+    batcher = app.state.batcher
+
+    @app.get("/v1/model", summary="The model answering now: id, classes, input, accuracy, source checkpoint",
+             response_model=None)
+    async def model() -> dict[str, Any]:
+        current = slot.current
+        return {**current.info, "load_seconds": round(current.load_seconds, 3),
+                "warmup_seconds": None if current.warmup_seconds is None else round(current.warmup_seconds, 4),
+                "reloads": slot.reloads}
+
+    @app.get("/healthz", summary="Liveness, with counts (needs no API key)", response_model=None,
+             responses={200: {"model": openapi.Health}})
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "model": slot.current.id, "passes": batcher.passes, "images": batcher.images}
+
+    @app.get("/livez", summary="Live: the process answers HTTP (a failing liveness probe restarts it)",
+             response_model=None, responses={200: {"model": openapi.Ready}})
+    async def livez() -> dict[str, Any]:
+        return {"status": "live", "model": slot.current.id}
+
+    @app.get("/readyz", summary="Ready: the model is warmed up and the server is not stopping (else 503)",
+             response_model=None, responses={200: {"model": openapi.Ready}, **openapi.errors(503)})
+    async def readyz() -> dict[str, Any]:
+        reason = lifecycle.not_ready_reason()
+        if reason is not None:
+            raise ApiError(503, reason, {"Retry-After": "1"})
+        return {"status": "ready", "model": slot.current.id}
+
+    if settings.metrics:
+        @app.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response,
+                 responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+        async def metrics_text() -> Response:
+            body, content_type = metrics.exposition()
+            return Response(body, media_type=content_type)
+
+    @app.post("/v1/admin/reload", summary="Load the model file (ckpt=) again; it serves once warmed up and checked",
+              response_model=None, responses={200: {"model": openapi.Reloaded}, 202: {"model": openapi.Restarting},
+                                               **openapi.errors(403, 409)})
+    async def reload(request: Request) -> Any:
+        if not settings.api_key:
+            raise ApiError(403, "POST /v1/admin/reload needs serve.api_key (and the header X-API-Key); without one, "
+                                "send the server SIGHUP")
+        if workers > 1:  # every worker is replaced, one at a time, by uvicorn's supervisor
+            os.kill(os.getppid(), signal.SIGHUP)
+            from fastapi.responses import JSONResponse
+
+            return JSONResponse({"detail": f"replacing the {workers} workers one at a time; each serves the "
+                                           "new file once it has warmed up"}, 202)
+        try:
+            return await slot.reload("POST /v1/admin/reload")
+        except ModelCheckError as e:
+            raise ApiError(409, f"reload refused: {e}; {slot.current.id} keeps serving") from None
 
 
 def load_predictor(spec: dict[str, Any]) -> Predictor:
@@ -137,12 +218,20 @@ def factory() -> FastAPI:
     if not text:
         raise RuntimeError(f"{ENV} is not set: it holds the JSON serve spec (cifar-cam serve sets it)")
     spec = json.loads(text)
-    return create_app(load_predictor(spec), Settings(**spec.get("settings", {})))
+    settings = Settings(**spec.get("settings", {}))
+    t0 = time.perf_counter()
+    try:
+        predictor = load_predictor(spec)
+    except Exception:
+        # a worker replacing another (SIGHUP) found a broken file: counted (the workers share the metrics
+        # directory), and uvicorn keeps the old worker serving
+        Metrics(settings.metrics).reloads.labels("failed").inc()
+        raise
+    return create_app(predictor, settings, lambda: load_predictor(spec), time.perf_counter() - t0,
+                      workers=int(spec.get("workers", 2)))
 
 
 def spec_json(ckpt: str, device: str, precision: str, threads: int | None, settings: Settings,
-              batch_size: int = 256) -> str:
+              batch_size: int = 256, workers: int = 1) -> str:
     return json.dumps({"ckpt": ckpt, "device": device, "precision": precision, "threads": threads,
-                       "batch_size": batch_size, "settings": asdict(settings)})
-
-
+                       "batch_size": batch_size, "workers": workers, "settings": asdict(settings)})

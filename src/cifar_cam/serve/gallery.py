@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse
 
 from cifar_cam.errors import ConfigError
+from cifar_cam.serve.openapi import errors
 from cifar_cam.serve.settings import ApiError
 
 
@@ -73,7 +74,8 @@ def add_gallery_routes(app: FastAPI, gallery: Any) -> None:
     def no_gallery() -> ApiError:
         return ApiError(404, "no gallery on this server: start it with serve.gallery=<a cifar-cam gradcam run dir>")
 
-    @app.get("/v1/gallery", summary="The model's mistakes (serve.gallery), most confident first")
+    @app.get("/v1/gallery", summary="The model's mistakes (serve.gallery), most confident first",
+             responses=errors(404))
     async def gallery_list(request: Request) -> list[dict[str, Any]]:
         if gallery is None:
             raise no_gallery()
@@ -82,7 +84,8 @@ def add_gallery_routes(app: FastAPI, gallery: Any) -> None:
                 for e in gallery.entries]
 
     @app.get("/v1/gallery/{rank}/{layer}.png", summary="One mistake's Grad-CAM PNG at one layer",
-             response_class=FileResponse)
+             response_class=FileResponse, responses={200: {"content": {"image/png": {"schema": {
+                 "type": "string", "format": "binary"}}}}, **errors(404)})
     async def gallery_png(rank: str, layer: str) -> FileResponse:
         if gallery is None:
             raise no_gallery()

@@ -1,5 +1,5 @@
 """The routes: every error as JSON, the API key, /docs and the page, and the two predict routes with what they
-share (`Answers`: the query checked, the image through the batcher, the answer shaped)."""
+share (`Answers`: the query checked, the image through the batcher within serve.timeout_s, the answer shaped)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,15 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cifar_cam.serve.batcher import Batcher
-from cifar_cam.serve.settings import FORMATS, ApiError, Settings
+from cifar_cam.serve.lifecycle import Lifecycle
+from cifar_cam.serve.metrics import Metrics
+from cifar_cam.serve.observe import SCOPE_MODEL, SCOPE_STARTED
+from cifar_cam.serve.openapi import BATCH_BODY, IMAGE_BODY, PREDICT_ERRORS, BatchAnswer, Prediction, errors
+from cifar_cam.serve.settings import ApiError, Settings
 from cifar_cam.serve.uploads import Part, batch_uploads, load_image, overlay_png, png_base64, read_body, single_upload
 
 if TYPE_CHECKING:
-    from cifar_cam.inference.predictor import Predictor
+    from cifar_cam.serve.model_slot import Loaded, ModelSlot
 
 log = logging.getLogger("cifar_cam.serve")
 
@@ -40,19 +44,25 @@ PLACEHOLDER = """<!doctype html>
 """
 
 
-OPEN_PATHS = ("/", "/docs", "/openapi.json", "/healthz")  # with serve.api_key: no secret here, the page loads
+# with serve.api_key: no secret here, the page loads, the probes answer; /metrics too unless serve.metrics_key
+OPEN_PATHS = frozenset(("/", "/docs", "/openapi.json", "/healthz", "/livez", "/readyz"))
+
+
+def open_paths(settings: Settings) -> frozenset[str]:
+    """The paths that need no X-API-Key (besides the page's /static/* files)."""
+    return OPEN_PATHS if settings.metrics_key else OPEN_PATHS | {"/metrics"}
 
 
 class ApiKeyMiddleware:
-    """Every /v1/* request needs header X-API-Key; the page (/, /static/*), /docs, /openapi.json and /healthz
-    do not (pure ASGI: nothing else is touched). Any other path needs it as well."""
+    """Every /v1/* request needs header X-API-Key; the page (/, /static/*), /docs, /openapi.json and the probes
+    (/healthz, /livez, /readyz; /metrics unless serve.metrics_key) do not (pure ASGI: nothing else is touched).
+    Any other path needs it as well."""
 
-    def __init__(self, app: Any, key: str) -> None:
-        self.app, self.key = app, key.encode()
+    def __init__(self, app: Any, key: str, open_paths: frozenset[str] = OPEN_PATHS) -> None:
+        self.app, self.key, self.open_paths = app, key.encode(), open_paths
 
-    @staticmethod
-    def is_open(path: str) -> bool:
-        return path in OPEN_PATHS or (path.startswith("/static/") and ".." not in path)
+    def is_open(self, path: str) -> bool:
+        return path in self.open_paths or (path.startswith("/static/") and ".." not in path)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and not self.is_open(scope["path"]):
@@ -77,31 +87,12 @@ def _validation_detail(exc: RequestValidationError) -> str:
     return "; ".join(out) + " (see /docs for the parameters)"
 
 
-IMAGE_BODY = {
-    "requestBody": {"content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
-            "file": {"type": "string", "format": "binary", "description": f"one image ({FORMATS})"}}}},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        "image/*": {"schema": {"type": "string", "format": "binary"}},
-    }, "required": True, "description": "one image: multipart field `file`, or the raw body"},
-}
-
-
-BATCH_BODY = {
-    "requestBody": {"content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["files"], "properties": {
-            "files": {"type": "array", "items": {"type": "string", "format": "binary"},
-                      "description": "images, at most serve.max_batch_images"}}}},
-    }, "required": True},
-}
-
-
 def add_error_handlers(app: FastAPI) -> None:
     """Every error as JSON {"detail": message}: ours, validation (422), HTTP (404 names the path), crashes (500)."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail}, exc.status)
+        return JSONResponse({"detail": exc.detail}, exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -145,42 +136,72 @@ def add_docs_and_page(app: FastAPI) -> None:
 
 
 class Answers:
-    """What both predict routes do with an image: check the query, run it through the batcher, shape the answer."""
+    """What both predict routes do with an image: check the query, run it through the batcher within the
+    request's time (serve.timeout_s), shape the answer and count what the model saw."""
 
-    def __init__(self, predictor: Predictor, settings: Settings, batcher: Batcher, model_id: str) -> None:
-        self.predictor, self.settings, self.batcher, self.model_id = predictor, settings, batcher, model_id
-        self.n_classes, self.fit = len(predictor.classes), predictor.fit
+    def __init__(self, slot: ModelSlot, settings: Settings, batcher: Batcher, metrics: Metrics,
+                 lifecycle: Lifecycle) -> None:
+        self.slot, self.settings, self.batcher, self.metrics = slot, settings, batcher, metrics
+        self.lifecycle = lifecycle
 
-    def check_query(self, topk: int | None, cam: bool, layer: str | None) -> tuple[int, str | None]:
+    def model(self, request: Request) -> Loaded:
+        """The model this request is answered by (the one serving when it arrived); 503 before warm-up."""
+        reason = self.lifecycle.not_ready_reason()
+        if reason is not None and not self.lifecycle.draining:  # while draining, requests are still answered
+            self.metrics.shed.labels("not_ready").inc()
+            raise ApiError(503, reason, {"Retry-After": "1"})
+        model = self.slot.current
+        request.scope[SCOPE_MODEL] = model.id
+        return model
+
+    async def within_deadline(self, request: Request, work: Any) -> Any:
+        """`work` (a coroutine), or ApiError 504 once the request has taken serve.timeout_s in all."""
+        started = request.scope.get(SCOPE_STARTED, time.monotonic())
+        left = self.settings.timeout_s - (time.monotonic() - started)
+        try:
+            return await asyncio.wait_for(work, max(left, 0.001))
+        except TimeoutError:
+            self.metrics.shed.labels("timeout").inc()
+            raise ApiError(504, f"no answer within serve.timeout_s={self.settings.timeout_s:g} s (the server is "
+                                "busy); retry later or with fewer images") from None
+
+    @staticmethod
+    def check_query(model: Loaded, topk: int | None, cam: bool, layer: str | None, default_k: int
+                    ) -> tuple[int, str | None]:
         """(k, the CAM layer or None) of a request's query; ApiError 422 for one the model cannot answer."""
-        predictor, n_classes = self.predictor, self.n_classes
-        k = self.settings.topk if topk is None else topk
+        predictor = model.predictor
+        n_classes = len(predictor.classes)
         if topk is not None and topk > n_classes:
             raise ApiError(422, f"topk={topk}: the model has {n_classes} classes; pass topk between 1 and "
                                 f"{n_classes}")
-        k = min(k, n_classes)
+        k = min(default_k if topk is None else topk, n_classes)
         if not predictor.cam_layers:  # an exported model whose head is more than a linear layer
             if cam:
                 raise ApiError(422, "cam=true: this model has no CAM (its head is more than one linear layer over "
                                     "the pooled features); serve the .pt checkpoint for Grad-CAM")
             return k, None
         layer = layer or predictor.cam_layers[-1]  # none given: the model's feature layer
-        if layer not in predictor.cam_layers:
-            raise ApiError(422, f"layer={layer[:40]}: not a CAM layer of this model; pass one of "
-                                f"{', '.join(predictor.cam_layers)}"
-                                + ("" if predictor.kind == "torch" else " (serve the .pt checkpoint for others)"))
+        if layer not in predictor.cam_layers:  # with cam=false too: the schema names this model's layers
+            if predictor.kind != "torch":
+                raise ApiError(422, f"layer={layer[:40]}: a {predictor.kind} model gives CAM at "
+                                    f"{', '.join(predictor.cam_layers)} only; serve the .pt checkpoint for others")
+            raise ApiError(422, f"layer={layer[:40]}: unknown layer; pass one of {', '.join(predictor.cam_layers)}")
         return k, layer if cam else None
 
-    async def image(self, data: bytes, name: str) -> np.ndarray:
+    async def image(self, model: Loaded, data: bytes, name: str) -> np.ndarray:
         """An upload decoded to the model's input size (off the event loop); ApiError for a bad one."""
-        return await asyncio.to_thread(load_image, data, name, self.fit, self.settings.max_pixels)
+        return await asyncio.to_thread(load_image, data, name, model.predictor.fit, self.settings.max_pixels)
 
-    async def answer(self, pixels: np.ndarray, k: int, layer: str | None) -> dict[str, Any]:
-        """Top-k classes of one image (and its CAM overlay at `layer`), through the batcher."""
-        logits, heatmap = await self.batcher.submit(pixels, layer)
-        pred = self.predictor.top(logits[None], k)[0]
+    async def answer(self, model: Loaded, pixels: np.ndarray, k: int, layer: str | None,
+                     queued: asyncio.Future | None = None) -> dict[str, Any]:
+        """Top-k classes of one image (and its CAM overlay at `layer`), through the batcher (`queued`: already
+        admitted and queued)."""
+        logits, heatmap = await (queued if queued is not None else self.batcher.submit(model, pixels, layer))
+        pred = model.predictor.top(logits[None], k)[0]
+        self.metrics.child("predictions", pred.classes[0]).inc()
+        self.metrics.confidence.observe(pred.probabilities[0])
         out: dict[str, Any] = {"classes": pred.classes, "probabilities": [round(p, 6) for p in pred.probabilities],
-                               "model": self.model_id}
+                               "model": model.id}
         if layer is not None and heatmap is not None:
             out["layer"] = layer
             out["overlay_png"] = await asyncio.to_thread(overlay_png, pixels, heatmap, self.settings.overlay_size)
@@ -190,46 +211,71 @@ class Answers:
 
 def add_predict_routes(app: FastAPI, answers: Answers) -> None:
     """POST /v1/predict (one image: multipart or raw body) and /v1/predict/batch (multipart 'files')."""
-    settings, predictor = answers.settings, answers.predictor
-    topk_q = Query(None, ge=1, description=f"classes per image (default serve.topk={settings.topk})")
+    settings, predictor = answers.settings, answers.slot.current.predictor
+    layers, n_classes = list(predictor.cam_layers), len(predictor.classes)
+    # the schema's bounds are the model's (checked by check_query, whose messages say what to pass instead)
+    topk_q = Query(None, ge=1, description=f"classes per image, at most {n_classes} (default serve.topk="
+                                           f"{settings.topk})", json_schema_extra={"maximum": n_classes})
     cam_q = Query(False, description="add the Grad-CAM overlay of the top class (base64 PNG)")
-    layer_q = Query(None, description=f"CAM layer: {', '.join(predictor.cam_layers) or 'none'} (default: the last)")
+    layer_q = Query(None, description=f"CAM layer: {', '.join(layers) or 'none'} (default: the last)",
+                    json_schema_extra={"enum": layers} if layers else None)
 
-    @app.post("/v1/predict", openapi_extra=IMAGE_BODY, summary="Top-k classes (and Grad-CAM) of one image")
+    @app.post("/v1/predict", openapi_extra=IMAGE_BODY, summary="Top-k classes (and Grad-CAM) of one image",
+              response_model=None, responses={200: {"model": Prediction}, **errors(*PREDICT_ERRORS)})
     async def predict(request: Request, topk: int | None = topk_q, cam: bool = cam_q, layer: str | None = layer_q
                       ) -> dict[str, Any]:
         t0 = time.perf_counter()
-        k, cam_layer = answers.check_query(topk, cam, layer)
-        body = await read_body(request, settings.max_upload_bytes)
-        data, name = single_upload(body, request.headers.get("content-type", ""))
-        out = await answers.answer(await answers.image(data, name), k, cam_layer)
+        model = answers.model(request)
+        k, cam_layer = answers.check_query(model, topk, cam, layer, settings.topk)
+
+        async def work() -> dict[str, Any]:
+            body = await read_body(request, settings.max_upload_bytes)
+            data, name = single_upload(body, request.headers.get("content-type", ""))
+            return await answers.answer(model, await answers.image(model, data, name), k, cam_layer)
+
+        out = await answers.within_deadline(request, work())
         out["ms"] = round((time.perf_counter() - t0) * 1000, 3)
         return out
 
-    @app.post("/v1/predict/batch", openapi_extra=BATCH_BODY,
-              summary=f"Top-k classes of up to {settings.max_batch_images} images (one result each)")
+    @app.post("/v1/predict/batch", openapi_extra=BATCH_BODY, response_model=None,
+              summary=f"Top-k classes of up to {settings.max_batch_images} images (one result each)",
+              responses={200: {"model": BatchAnswer}, **errors(*PREDICT_ERRORS)})
     async def predict_batch(request: Request, topk: int | None = topk_q, cam: bool = cam_q,
                             layer: str | None = layer_q) -> dict[str, Any]:
         t0 = time.perf_counter()
-        k, cam_layer = answers.check_query(topk, cam, layer)
+        model = answers.model(request)
+        k, cam_layer = answers.check_query(model, topk, cam, layer, settings.topk)
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise ApiError(415, "send multipart/form-data with the images as fields 'files' "
                                 "(curl -F files=@a.png -F files=@b.png)")
-        body = await read_body(request, settings.max_upload_bytes)
-        files = batch_uploads(body, ctype, settings.max_batch_images)
 
-        async def one(i: int, part: Part) -> dict[str, Any]:
+        async def decode(i: int, part: Part) -> tuple[dict[str, Any], np.ndarray | None]:
             name = part.filename or f"files[{i}]"
             item: dict[str, Any] = {"index": i, "name": name}
             try:
-                item.update(await answers.answer(await answers.image(part.data, f"upload '{name}'"), k, cam_layer))
+                return item, await answers.image(model, part.data, f"upload '{name}'")
+            except ApiError as e:
+                item.update(status=e.status, detail=e.detail)
+                return item, None
+
+        async def one(item: dict[str, Any], pixels: np.ndarray, queued: asyncio.Future) -> None:
+            try:
+                item.update(await answers.answer(model, pixels, k, cam_layer, queued))
                 item["status"] = 200
                 del item["model"]
             except ApiError as e:
                 item.update(status=e.status, detail=e.detail)
-            return item
 
-        results = await asyncio.gather(*(one(i, p) for i, p in enumerate(files)))
-        return {"model": answers.model_id, "results": list(results),
-                "ms": round((time.perf_counter() - t0) * 1000, 3)}
+        async def work() -> list[dict[str, Any]]:
+            body = await read_body(request, settings.max_upload_bytes)
+            files = batch_uploads(body, ctype, settings.max_batch_images)
+            decoded = await asyncio.gather(*(decode(i, p) for i, p in enumerate(files)))
+            good = [(item, pixels) for item, pixels in decoded if pixels is not None]
+            answers.batcher.admit(len(good))  # all of the request's images, or none (503)
+            queued = [answers.batcher.enqueue(model, pixels, cam_layer) for _, pixels in good]
+            await asyncio.gather(*(one(item, pixels, q) for (item, pixels), q in zip(good, queued, strict=True)))
+            return [item for item, _ in decoded]
+
+        results = await answers.within_deadline(request, work())
+        return {"model": model.id, "results": results, "ms": round((time.perf_counter() - t0) * 1000, 3)}

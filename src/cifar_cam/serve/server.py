@@ -39,8 +39,10 @@ def url_of(sock: socket.socket) -> str:
 
 
 @contextlib.contextmanager
-def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0, **config: Any) -> Iterator[tuple[str, Any]]:
-    """Serves `app` with uvicorn in a background thread (tests, benchmarks): yields (base URL, server)."""
+def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0, wait_ready: bool = True,
+            **config: Any) -> Iterator[tuple[str, Any]]:
+    """Serves `app` with uvicorn in a background thread (tests, benchmarks): yields (base URL, server), once the
+    model has warmed up unless `wait_ready` is false."""
     import uvicorn
 
     sock = bind(host, port)
@@ -54,6 +56,11 @@ def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0, **config: Any)
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError("the server did not start (see the log)")
         time.sleep(0.01)
+    lifecycle = getattr(app.state, "lifecycle", None) if wait_ready else None
+    while lifecycle is not None and not (lifecycle.ready or lifecycle.problem):
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the model did not warm up (see the log)")
+        time.sleep(0.005)
     try:
         yield url_of(sock), server
     finally:
@@ -84,9 +91,9 @@ def server_class() -> Any:
         the signal again once it has shut down."""
 
         def handle_exit(self, sig: int, frame: Any) -> None:
-            if not self.should_exit:
-                log.info("stopping (%s): finishing the requests in flight (at most %d s)",
-                         signal.Signals(sig).name, GRACE_S)
+            if not self.should_exit:  # the app's lifecycle has drained (and logged the stop) before this
+                log.debug("%s: uvicorn stops listening (at most %d s more for open connections)",
+                          signal.Signals(sig).name, GRACE_S)
             super().handle_exit(sig, frame)
             captured = getattr(self, "_captured_signals", None)
             if isinstance(captured, list):

@@ -23,6 +23,12 @@ class Settings:
     gallery: str | None = None
     calibration: str | None = None   # a calibration.json / eval run dir: load_predictor applies its temperature
     overlay_size: int = 128
+    max_queue: int = 256             # images waiting for a forward pass at most; more: 503 with Retry-After
+    timeout_s: float = 30.0          # seconds one request may take in all; then 504
+    metrics: bool = True             # GET /metrics and the counting behind it
+    metrics_key: bool = False        # whether serve.api_key also guards /metrics
+    access_log: str | None = None    # a JSON-lines file, one line a request ("-": standard output); None: off
+    drain_s: float = 0.0             # after SIGTERM: seconds /readyz answers 503 before the server stops listening
 
     @classmethod
     def from_cfg(cls, serve: Any) -> Settings:
@@ -36,8 +42,9 @@ class Settings:
 
 
 class ApiError(Exception):
-    """An HTTP error with a message a person can act on (becomes {"detail": message})."""
+    """An HTTP error with a message a person can act on (becomes {"detail": message}); `headers` go with it
+    (Retry-After on a 503)."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
-        self.status, self.detail = status, detail
+        self.status, self.detail, self.headers = status, detail, headers

@@ -1,9 +1,12 @@
 """`cifar-cam serve ckpt=<run | .pt | .onnx | .pt2>`: the HTTP API and page (FastAPI + uvicorn).
 
 Binds serve.host:serve.port (127.0.0.1:8000; port 0 picks a free one, logged), logs the URL (a warning
-when the host is not loopback: the network can reach it), and serves until Ctrl-C / SIGTERM, which finish
-the requests in flight (at most 5 s) and exit 0. serve.workers > 1 runs that many processes over one
-socket, each loading the model through `cifar_cam.serve.app:factory`.
+when the host is not loopback: the network can reach it), and serves until Ctrl-C / SIGTERM, which turn
+/readyz to 503, finish the requests in flight and exit 0. SIGHUP loads the ckpt= file again (the old model
+serves until the new one is warmed up and checked). serve.workers > 1 runs that many processes over one
+socket, each loading the model through `cifar_cam.serve.app:factory`, their metrics added up through
+prometheus-client's multiprocess directory (<run dir>/prometheus unless PROMETHEUS_MULTIPROC_DIR is set).
+A relative serve.access_log lands in the run dir.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import inspect
 import json
 import logging
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -19,9 +24,10 @@ from omegaconf import DictConfig
 from cifar_cam.errors import CifarCamError
 from cifar_cam.serve.app import ENV, create_app, load_predictor, spec_json
 from cifar_cam.serve.gallery import load_gallery
+from cifar_cam.serve.metrics import multiprocess_dir
 from cifar_cam.serve.server import GRACE_S, bind, is_loopback, server_class, url_of
 from cifar_cam.serve.settings import Settings
-from cifar_cam.tasks.common import resolve_num_threads, seed_everything
+from cifar_cam.tasks.common import resolve_num_threads, run_dir, seed_everything
 
 log = logging.getLogger("cifar_cam.serve")
 
@@ -40,13 +46,17 @@ def serve(cfg: DictConfig) -> None:
     seed_everything(cfg.seed)
     threads = resolve_num_threads(cfg.trainer.get("num_threads", "auto"))
     settings = Settings.from_cfg(s)
+    if settings.access_log and settings.access_log != "-" and not Path(settings.access_log).expanduser().is_absolute():
+        settings.access_log = str(run_dir() / settings.access_log)
     if settings.gallery:
         load_gallery(settings.gallery)  # a bad serve.gallery fails here, before a port is bound or a worker runs
     workers = int(s.workers)
     host, port = str(s.host), int(s.port)
     spec = spec_json(str(cfg.ckpt), str(cfg.trainer.device), str(cfg.trainer.precision), threads, settings,
-                     batch_size=max(int(settings.max_batch), int(settings.max_batch_images)))
+                     batch_size=max(int(settings.max_batch), int(settings.max_batch_images)), workers=workers)
+    t0 = time.perf_counter()
     predictor = load_predictor(json.loads(spec))  # one line (exit 2) for a bad ckpt, before binding anything
+    load_seconds = time.perf_counter() - t0
     try:
         sock = bind(host, port)
     except OSError as e:
@@ -61,11 +71,14 @@ def serve(cfg: DictConfig) -> None:
     if workers > 1:
         del predictor  # each worker loads its own
         os.environ[ENV] = spec
+        if settings.metrics:
+            log.info("metrics of the %d workers: %s", workers, multiprocess_dir(run_dir() / "prometheus"))
         config = uvicorn.Config("cifar_cam.serve.app:factory", factory=True, workers=workers, **common)
     else:
-        config = uvicorn.Config(create_app(predictor, settings), **common)
-    log.info("serving at %s (API docs: %s/docs; %d worker%s; Ctrl-C to stop)", url, url, workers,
-             "s" if workers > 1 else "")
+        config = uvicorn.Config(create_app(predictor, settings, lambda: load_predictor(json.loads(spec)),
+                                           load_seconds), **common)
+    log.info("serving at %s (API docs: %s/docs; %d worker%s; Ctrl-C to stop, SIGHUP to reload %s)", url, url,
+             workers, "s" if workers > 1 else "", cfg.ckpt)
     if not is_loopback(host):
         log.warning("serve.host=%s is not loopback: other machines can reach this server%s", host,
                     "" if settings.api_key else " (and serve.api_key is not set)")
