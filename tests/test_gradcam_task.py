@@ -117,7 +117,8 @@ def test_true_class_gradcam_plus_plus_and_a_nested_layer(trained_run: Path, tmp_
 
 def test_unknown_layer_fails_before_any_work(trained_run: Path, tmp_path: Path) -> None:
     cfg = compose_cfg("gradcam", [f"ckpt={trained_run}", "gradcam.target_layers=[layer3,layer9]"], run_dir=tmp_path)
-    with pytest.raises(ConfigError, match="'layer9' is not in the model; valid names: conv1, bn1, relu, layer1"):
+    with pytest.raises(ConfigError, match="'layer9' is not in the model; its CAM layers: layer3, layer4; "
+                                          "its modules: conv1, bn1, relu, layer1"):
         gradcam(cfg)
     assert not (tmp_path / "gradcam.json").exists()
 

@@ -142,13 +142,13 @@ def test_a_checkpoint_gives_its_recipe_on_fresh_weights(trained_run: Path, tmp_p
     fresh = build_model("resnet18", num_classes=10, width=8)
     cfg = compose_cfg("lr-find", [f"ckpt={trained_run}", "lr_find.num_iter=6"], run_dir=tmp_path)
     built = {}
-    real_build = lr_find_module.build_model
+    real_build = lr_find_module.model_from_config
 
     def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         built["model"] = real_build(*args, **kwargs)
         return built["model"]
 
-    with caplog.at_level(logging.INFO, logger="cifar_cam"), mock.patch.object(lr_find_module, "build_model", spy):
+    with caplog.at_level(logging.INFO, logger="cifar_cam"), mock.patch.object(lr_find_module, "model_from_config", spy):
         lr_find(cfg)
     assert json.loads((tmp_path / "lr_find.json").read_text())["steps"] == 6
     assert any("with fresh weights" in r.getMessage() for r in caplog.records)

@@ -340,7 +340,7 @@ def test_a_non_square_set_of_own_images_through_lr_find_the_budget_gradcam_and_r
 
 
 def test_a_cam_layer_under_2x2_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
-    from cifar_cam.models.resnet import build_model
+    from cifar_cam.models import build_model
     from cifar_cam.tasks.gradcam import warn_small_layers
 
     model = build_model("resnet18", num_classes=3, width=8).eval()

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cifar_cam.errors import ConfigError
 from cifar_cam.models import build_model
 from cifar_cam.training.device import training_memory_format, unsafe_channels_last
+from cifar_cam.training.optim import build_optimizer
 from cifar_cam.training.resume import apply_resume_changes, resume_changes
 from cifar_cam.training.schedulers import build_scheduler
 from cifar_cam.training.supervise import resolve_stall_timeout
@@ -56,7 +56,7 @@ def test_stall_timeout_auto_is_20_median_steps_at_least_300_s() -> None:
 def built(overrides: list[str]) -> tuple[object, torch.optim.Optimizer, object]:
     """(cfg, optimizer, scheduler) as train builds them, for a width-8 model."""
     cfg = compose_cfg("train", [*TINY, *overrides])
-    optimizer = instantiate(cfg.optimizer)(build_model("resnet18", num_classes=10, width=8).parameters())
+    optimizer = build_optimizer(cfg.optimizer, build_model("resnet18", num_classes=10, width=8))
     scheduler, _ = build_scheduler(cfg, optimizer, cfg.trainer.epochs, 4)
     return cfg, optimizer, scheduler
 
