@@ -1,8 +1,8 @@
 """Micro-batching: concurrent requests gathered into one forward pass (up to `max_batch` images, the first waiting
 at most `max_wait_ms`; 0 turns gathering off). Passes run one at a time in a worker thread, so the event loop only
-moves bytes. At most `max_queue` images wait: beyond that `admit` refuses (503 with Retry-After) instead of letting
-the wait grow without bound. Each image carries the model it was admitted with, and a pass holds one model's
-images only, so a reload never moves a request to another model halfway."""
+moves bytes. At most `max_queue` images wait, queued or being decoded: beyond that `admit` refuses (503 with
+Retry-After) instead of letting the wait grow without bound. Each image carries the model it was admitted with, and
+a pass holds one model's images only, so a reload never moves a request to another model halfway."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import collections
 import contextlib
 import math
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -44,6 +45,7 @@ class Batcher:
         self.metrics = metrics or Metrics(enabled=False)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="forward")
         self.pending: collections.deque[_Item] = collections.deque()
+        self.reserved = 0  # images admitted and still being decoded (reserve)
         self.passes = 0    # forward passes run
         self.images = 0    # images they held
         self.pass_seconds = 0.05  # a running mean, for Retry-After
@@ -80,11 +82,23 @@ class Batcher:
         """Room for `n` more images, or ApiError 503 with Retry-After (the queue is full: shed, do not wait)."""
         if self._wake is None:
             raise ApiError(503, "the server is starting or stopping; retry in a moment", {"Retry-After": "1"})
-        if len(self.pending) + n > self.max_queue:
+        waiting = len(self.pending) + self.reserved
+        if waiting + n > self.max_queue:
             self.metrics.shed.labels("queue_full").inc()
-            raise ApiError(503, f"the server is busy: {len(self.pending)} images wait already (serve.max_queue="
+            raise ApiError(503, f"the server is busy: {waiting} images wait already (serve.max_queue="
                                 f"{self.max_queue}); retry after Retry-After seconds",
                            {"Retry-After": self.retry_after()})
+
+    @contextlib.contextmanager
+    def reserve(self, n: int) -> Iterator[None]:
+        """Room for `n` images held while they are decoded (ApiError 503 when there is none): a full queue sheds a
+        request before its upload costs a decode. Enqueue them inside the block."""
+        self.admit(n)
+        self.reserved += n
+        try:
+            yield
+        finally:
+            self.reserved -= n
 
     def enqueue(self, model: Loaded, pixels: np.ndarray, layer: str | None = None) -> asyncio.Future:
         """Queues one admitted image; the future gives its (logits, CAM map or None)."""
@@ -95,12 +109,6 @@ class Batcher:
         assert self._wake is not None
         self._wake.set()
         return future
-
-    async def submit(self, model: Loaded, pixels: np.ndarray, layer: str | None = None
-                     ) -> tuple[np.ndarray, np.ndarray | None]:
-        """One image's logits (and CAM map at `layer`) from `model`, computed in a gathered pass."""
-        self.admit(1)
-        return await self.enqueue(model, pixels, layer)
 
     def _take(self) -> list[_Item]:
         """The next pass: up to max_batch waiting images of the first one's model, clients that left dropped."""

@@ -193,10 +193,10 @@ class Answers:
         return await asyncio.to_thread(load_image, data, name, model.predictor.fit, self.settings.max_pixels)
 
     async def answer(self, model: Loaded, pixels: np.ndarray, k: int, layer: str | None,
-                     queued: asyncio.Future | None = None) -> dict[str, Any]:
-        """Top-k classes of one image (and its CAM overlay at `layer`), through the batcher (`queued`: already
-        admitted and queued)."""
-        logits, heatmap = await (queued if queued is not None else self.batcher.submit(model, pixels, layer))
+                     queued: asyncio.Future) -> dict[str, Any]:
+        """Top-k classes of one image (and its CAM overlay at `layer`) once its pass ran (`queued`: the future
+        Batcher.enqueue gave)."""
+        logits, heatmap = await queued
         pred = model.predictor.top(logits[None], k)[0]
         self.metrics.child("predictions", pred.classes[0]).inc()
         self.metrics.confidence.observe(pred.probabilities[0])
@@ -231,7 +231,10 @@ def add_predict_routes(app: FastAPI, answers: Answers) -> None:
         async def work() -> dict[str, Any]:
             body = await read_body(request, settings.max_upload_bytes)
             data, name = single_upload(body, request.headers.get("content-type", ""))
-            return await answers.answer(model, await answers.image(model, data, name), k, cam_layer)
+            with answers.batcher.reserve(1):  # 503 before the decode when the queue is full
+                pixels = await answers.image(model, data, name)
+                queued = answers.batcher.enqueue(model, pixels, cam_layer)
+            return await answers.answer(model, pixels, k, cam_layer, queued)
 
         out = await answers.within_deadline(request, work())
         out["ms"] = round((time.perf_counter() - t0) * 1000, 3)
@@ -270,10 +273,10 @@ def add_predict_routes(app: FastAPI, answers: Answers) -> None:
         async def work() -> list[dict[str, Any]]:
             body = await read_body(request, settings.max_upload_bytes)
             files = batch_uploads(body, ctype, settings.max_batch_images)
-            decoded = await asyncio.gather(*(decode(i, p) for i, p in enumerate(files)))
-            good = [(item, pixels) for item, pixels in decoded if pixels is not None]
-            answers.batcher.admit(len(good))  # all of the request's images, or none (503)
-            queued = [answers.batcher.enqueue(model, pixels, cam_layer) for _, pixels in good]
+            with answers.batcher.reserve(len(files)):  # all of the request's images, or none (503)
+                decoded = await asyncio.gather(*(decode(i, p) for i, p in enumerate(files)))
+                good = [(item, pixels) for item, pixels in decoded if pixels is not None]
+                queued = [answers.batcher.enqueue(model, pixels, cam_layer) for _, pixels in good]
             await asyncio.gather(*(one(item, pixels, q) for (item, pixels), q in zip(good, queued, strict=True)))
             return [item for item, _ in decoded]
 
