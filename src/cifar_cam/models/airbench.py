@@ -4,7 +4,7 @@ from the paper's description.
 A fixed 2x2 whitening convolution (24 filters: the eigenvectors of the training images' 2x2 patch
 covariance, scaled by 1/sqrt(eigenvalue), and their negatives; only its bias trains), GELU, then three
 conv groups (conv3x3, max-pool 2, BN, GELU, conv3x3, BN, GELU) of 64, 256 and 256 channels, a global
-max-pool and a bias-free linear head whose logits are divided by its input width. Its BatchNorms keep
+max-pool and a bias-free linear head whose logits are scaled by 1/9. Its BatchNorms keep
 their scale at 1 (only the shift trains), use momentum 0.6 in the paper's sense (0.4 in PyTorch's) and
 eps 1e-12; each convolution starts as an identity on its first input channels. 1.97M parameters.
 
@@ -22,6 +22,7 @@ from cifar_cam.models.base import Network
 WHITEN_KERNEL = 2
 WHITEN_WIDTH = 2 * 3 * WHITEN_KERNEL**2   # 24: each eigenvector and its negative
 WHITEN_EPS = 5e-4
+LOGIT_SCALE = 1 / 9                        # airbench94's scaling of the head's output
 
 
 class FixedScaleBatchNorm(nn.BatchNorm2d):
@@ -60,7 +61,7 @@ class ConvGroup(nn.Module):
 
 
 class Airbench(Network):
-    """whiten, block1..block3, global max-pool, head (/ its width)."""
+    """whiten, block1..block3, global max-pool, head (x 1/9)."""
 
     cam_layers = ("block2", "block3")
     feature_layer = "block3"
@@ -80,7 +81,6 @@ class Airbench(Network):
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.head = nn.Linear(widths[2], num_classes, bias=False)
         with torch.no_grad():
-            self.head.weight.mul_(1 / self.head.weight.std())
             self.whiten.weight.zero_()
             for i in range(3):  # before init_from_data: pass each channel's top-left pixel through
                 self.whiten.weight[i, i, 0, 0] = 1
@@ -103,7 +103,7 @@ class Airbench(Network):
         return self.block3(self.block2(self.block1(self.act(self.whiten(x)))))
 
     def forward_head(self, features: Tensor) -> Tensor:
-        return self.head(torch.flatten(self.pool(features), 1)) / features.shape[1]
+        return self.head(torch.flatten(self.pool(features), 1)) * LOGIT_SCALE
 
     def get_classifier(self) -> nn.Linear:
         return self.head
