@@ -40,9 +40,13 @@ def validate_model(c: DictConfig, command: str) -> None:
     if pretrained is True or str(pretrained).lower() == "true":
         raise ConfigError("model.pretrained=true would download weights, which cifar-cam never does; pass a local "
                           "file: model.pretrained=<run dir | .pt | .pth | .safetensors | .bin>")
+    if pretrained == "required":  # experiment=finetune: the preset needs weights to fine-tune
+        raise ConfigError("model.pretrained is required by this preset: pass model.pretrained=<run dir | .pt | .pth | "
+                          ".safetensors | .bin>")
     check(c, "model.pretrained", a_path, "a path (a run dir, .pt, .pth, .safetensors or .bin)", optional=True)
     check(c, "model.freeze", lambda v: v in ("none", "backbone") or (is_list(v) and len(v) > 0 and
                                                                     all(isinstance(x, str) for x in v)),
            "none, backbone, or a list of module names, e.g. [conv1,layer1]", optional=True)
-    if c.optimizer.get("backbone_lr_scale") is not None:
-        check(c, "optimizer.backbone_lr_scale", positive, "a number > 0")
+    for key in ("backbone_lr_scale", "bias_lr_scale"):
+        if c.optimizer.get(key) is not None:
+            check(c, f"optimizer.{key}", positive, "a number > 0")

@@ -153,31 +153,41 @@ def apply_lr_factors(optimizer: torch.optim.Optimizer) -> None:
     optimizer.register_step_post_hook(unscale)
 
 
+def _is_bias(name: str, p: Tensor) -> bool:
+    """A bias or a BatchNorm shift (1-d, named *.bias): what optimizer.bias_lr_scale speeds up."""
+    return p.ndim == 1 and name.endswith(".bias")
+
+
 def build_optimizer(optimizer_cfg: Any, model: nn.Module, **overrides: Any) -> torch.optim.Optimizer:
     """`optimizer.*` over the model's trainable parameters (frozen ones are left out). With
-    optimizer.backbone_lr_scale != 1 the classifier steps at lr and everything else at lr x the scale; Muon
-    leaves the architecture's `no_muon` filters to SGD. `overrides`: keys to replace (lr-find's start LR)."""
+    optimizer.backbone_lr_scale != 1 the classifier steps at lr and everything else at lr x the scale; with
+    optimizer.bias_lr_scale != 1 biases and BatchNorm shifts step at lr x that scale with their weight decay
+    divided by it (the same decay per step, as airbench); Muon leaves the architecture's `no_muon` filters to
+    SGD. `overrides`: keys to replace (lr-find's start LR)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     spec = OmegaConf.to_container(optimizer_cfg, resolve=True) if OmegaConf.is_config(optimizer_cfg) \
         else dict(optimizer_cfg)
-    scale = float(spec.pop("backbone_lr_scale", 1.0))
+    backbone = float(spec.pop("backbone_lr_scale", 1.0))
+    biases = float(spec.pop("bias_lr_scale", 1.0))
     spec.update(overrides)
     factory = instantiate(spec)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     is_muon = str(spec.get("_target_", "")).endswith(".Muon")
     no_muon = tuple(getattr(model, "no_muon", ())) if is_muon else ()
-    if scale == 1.0 and not no_muon:
+    if backbone == 1.0 and biases == 1.0 and not no_muon:
         return factory([p for _, p in trainable])
-    classifier = model.get_classifier() if scale != 1.0 else None  # type: ignore[operator]
+    classifier = model.get_classifier() if backbone != 1.0 else None  # type: ignore[operator]
     head = {id(p) for p in classifier.parameters()} if classifier is not None else set()
-    groups: dict[tuple[float, bool], list[Tensor]] = {}
+    groups: dict[tuple[float, float, bool], list[Tensor]] = {}
     for name, p in trainable:
-        factor = 1.0 if id(p) in head or scale == 1.0 else scale
+        factor = 1.0 if id(p) in head else backbone
+        bias = biases if _is_bias(name, p) else 1.0
         muon = not any(name == m or name.startswith(m + ".") for m in no_muon)
-        groups.setdefault((factor, muon), []).append(p)
-    optimizer = factory([{"params": ps, "lr_factor": factor, **({} if muon else {"muon": False})}
-                         for (factor, muon), ps in groups.items()])
+        groups.setdefault((factor * bias, bias, muon), []).append(p)
+    decay = float(spec.get("weight_decay", 0.0))
+    optimizer = factory([{"params": ps, "lr_factor": factor, **({"weight_decay": decay / bias} if bias != 1.0 else {}),
+                          **({} if muon else {"muon": False})} for (factor, bias, muon), ps in groups.items()])
     apply_lr_factors(optimizer)
     return optimizer

@@ -34,9 +34,9 @@ log = logging.getLogger("cifar_cam")
 RUN_KEYS = ("seed", "model.source", "model.name", "model.width", "model.depth", "model.widen", "model.widths",
             "model.small_input", "model.freeze", "data.source", "data.num_classes", "data.train_size",
             "data.val_size", "data.subset", "data.image_size", "data.batch_size", "optimizer._target_",
-            "optimizer.backbone_lr_scale", "scheduler._target_", "scheduler.interval")
+            "optimizer.backbone_lr_scale", "optimizer.bias_lr_scale", "scheduler._target_", "scheduler.interval")
 # what a key meant in checkpoints written before it existed
-BEFORE_THE_KEY = {"model.freeze": "none", "optimizer.backbone_lr_scale": 1.0}
+BEFORE_THE_KEY = {"model.freeze": "none", "optimizer.backbone_lr_scale": 1.0, "optimizer.bias_lr_scale": 1.0}
 
 OPTIMIZER_GROUP_KEYS = ("momentum", "betas", "nesterov", "weight_decay", "eps", "dampening", "ns_steps")
 
