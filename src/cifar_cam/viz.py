@@ -316,7 +316,8 @@ def plot_cam_grid(images: np.ndarray, maps: Mapping[str, np.ndarray], titles: Se
     canvas = _Canvas(*layout.size)
     if suptitle:
         canvas.text(layout.pad, 8, suptitle, ha="left", va="top", fontsize=11, linespacing=1.4)
-    canvas.colorbar(canvas.width - layout.pad - 220, layout.header_h - 26, 180, label="Grad-CAM weight")
+    bar = max(40, min(180, canvas.width - 2 * layout.pad - 100))  # a grid of one narrow panel is narrow too
+    canvas.colorbar(canvas.width - layout.pad - bar - 40, layout.header_h - 26, bar, label="Grad-CAM weight")
     for i in range(len(images)):
         left, top = layout.panel_origin(i)
         canvas.text(left + layout.panel_w / 2, top + 2, titles[i], ha="center", va="top", fontsize=8.5,

@@ -138,7 +138,7 @@ def check_files(command: str, cfg: Any, checked: set[tuple[str, str]], root_type
     `root_typed`: data.root came from the command line (else from a checkpoint, which the message says)."""
     from omegaconf import OmegaConf
 
-    from cifar_cam.errors import DataError
+    from cifar_cam.errors import ConfigError, DataError
 
     def once(what: str, path: Any) -> bool:
         key = (what, str(path))
@@ -163,6 +163,15 @@ def check_files(command: str, cfg: Any, checked: set[tuple[str, str]], root_type
             check_inputs(cfg.inputs)
     from cifar_cam.data.sources import check_root
     from cifar_cam.training.device import resolve_device
+
+    library = OmegaConf.select(cfg, "model.source", default=None)
+    if library in ("timm", "torchvision") and once("model", f"{library}:{cfg.model.name}"):
+        from cifar_cam.models.external import check_name
+
+        try:
+            check_name(library, str(cfg.model.name))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     resolve_device(cfg.trainer.device)
     if command != "export" and cfg.data.source in ("folder", "csv") and once("root", cfg.data.root):

@@ -102,6 +102,21 @@ def adapt_stem(net: nn.Module, image_size: tuple[int, int]) -> list[str]:
     return replaced
 
 
+def check_name(library: str, name: str) -> None:
+    """ValueError (one line, with the closest names) when `name` is not a classification model of `library`."""
+    if library == "timm":
+        import timm
+
+        if not timm.is_model(name):
+            raise unknown_name("timm", name, timm.list_models())
+    else:
+        from torchvision import models
+
+        names = models.list_models(module=models)
+        if name not in names:
+            raise unknown_name("torchvision", name, names)
+
+
 class TimmNet(Network):
     """A timm model (`net`) with an identity `features` after its forward_features."""
 
@@ -111,8 +126,7 @@ class TimmNet(Network):
         super().__init__()
         import timm
 
-        if not timm.is_model(name):
-            raise unknown_name("timm", name, timm.list_models())
+        check_name("timm", name)
         self.net = timm.create_model(name, pretrained=False, num_classes=num_classes)
         self.stem = tuple(f"net.{n}" for n in (adapt_stem(self.net, image_size) if small_input else []))
         self.features = nn.Identity()
@@ -202,9 +216,7 @@ class TorchvisionNet(Network):
         super().__init__()
         from torchvision import models
 
-        names = models.list_models(module=models)
-        if name not in names:
-            raise unknown_name("torchvision", name, names)
+        check_name("torchvision", name)
         net = models.get_model(name, weights=None, num_classes=num_classes)
         stem = adapt_stem(net, image_size) if small_input else []
         try:

@@ -43,7 +43,7 @@ class LoadReport:
     loaded: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)            # the model's tensors the file did not fill
     replaced: list[str] = field(default_factory=list)       # in both, another shape: classifier or stem
-    skipped: list[str] = field(default_factory=list)        # the file's tensors the model has no place for
+    skipped: list[str] = field(default_factory=list)        # the file's tensors not loaded (no place, or replaced)
 
     def line(self) -> str:
         return (f"model.pretrained: {len(self.loaded)} tensors loaded from {self.file} ({self.kind}), {len(self.new)} "
@@ -122,6 +122,7 @@ def load_pretrained(model: Network, path: str) -> LoadReport:
             matched[target] = tensor
         elif _under(target, (*head, *model.stem)):
             report.replaced.append(target)
+            report.skipped.append(key)
         else:
             mismatched.append(f"{target} is {list(tensor.shape)} in the file, {list(ours[target].shape)} here")
     if mismatched:
@@ -135,7 +136,9 @@ def load_pretrained(model: Network, path: str) -> LoadReport:
                               "another architecture?")
     model.load_state_dict(matched, strict=False)
     report.loaded = sorted(matched)
-    report.new = [k for k in ours if k not in matched]
+    report.new = sorted(k for k in ours if k not in matched)
+    report.skipped.sort()
+    report.replaced.sort()
     return report
 
 
