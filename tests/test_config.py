@@ -45,6 +45,8 @@ def test_every_group_choice_composes_and_validates(command: str, group: str) -> 
             overrides.append("ckpt=some/run")
         if command == "predict":
             overrides.append("inputs=my_images/")
+        if (group, choice) == ("experiment", "finetune"):
+            overrides.append("model.pretrained=some/weights.pth")  # the preset requires the weights
         cfg = _compose(name, overrides)
         assert cfg.command == command
         validate(cfg, command)  # the shipped choices are all valid
