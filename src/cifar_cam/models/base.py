@@ -18,6 +18,9 @@ layer) is measured, not declared: `head_averages(model)`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -60,22 +63,11 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def conv_flops(model: nn.Module, image_size: tuple[int, int]) -> float:
-    """Multiply-adds of one forward pass at `image_size` (convolutions and linear layers; GFLOPs as papers count
-    them, one multiply-add = 2 FLOPs), measured with forward hooks on a zero image."""
-    total = 0.0
-
-    def conv_hook(module: nn.Conv2d, _: tuple[Tensor], out: Tensor) -> None:
-        nonlocal total
-        kh, kw = module.kernel_size
-        total += out.numel() / out.shape[0] * (module.in_channels // module.groups) * kh * kw
-
-    def linear_hook(module: nn.Linear, inputs: tuple[Tensor], out: Tensor) -> None:
-        nonlocal total
-        total += out.numel() / out.shape[0] * module.in_features
-
-    hooks = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    hooks += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
+def probe_forward(model: nn.Module, image_size: tuple[int, int], hook: Callable[[nn.Module, Any, Any], None],
+                  modules: Iterable[nn.Module]) -> None:
+    """One forward pass of a zero image at `image_size`, in eval mode and without gradients, with `hook` as a forward
+    hook on each of `modules` (what conv_flops and the stem adaptation measure); the model's mode is restored."""
+    hooks = [m.register_forward_hook(hook) for m in modules]
     was_training = model.training
     try:
         model.eval()
@@ -85,4 +77,20 @@ def conv_flops(model: nn.Module, image_size: tuple[int, int]) -> float:
         model.train(was_training)
         for h in hooks:
             h.remove()
+
+
+def conv_flops(model: nn.Module, image_size: tuple[int, int]) -> float:
+    """Multiply-adds of one forward pass at `image_size` (convolutions and linear layers; GFLOPs as papers count
+    them, one multiply-add = 2 FLOPs), measured with forward hooks on a zero image."""
+    total = 0.0
+
+    def hook(module: nn.Module, _: Any, out: Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            total += out.numel() / out.shape[0] * (module.in_channels // module.groups) * kh * kw
+        else:
+            total += out.numel() / out.shape[0] * module.in_features
+
+    probe_forward(model, image_size, hook, (m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))))
     return 2 * total

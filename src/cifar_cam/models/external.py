@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cifar_cam.models.base import Network
+from cifar_cam.models.base import Network, probe_forward
 
 log = logging.getLogger("cifar_cam.models")
 
@@ -52,16 +52,7 @@ def _smallest_map(net: nn.Module, image_size: tuple[int, int]) -> int:
         if isinstance(out, Tensor) and out.ndim == 4:
             smallest = min(smallest, out.shape[-2], out.shape[-1])
 
-    hooks = [m.register_forward_hook(hook) for m in net.modules() if m is not net]
-    was_training = net.training
-    try:
-        net.eval()
-        with torch.no_grad():
-            net(torch.zeros(1, 3, *image_size))
-    finally:
-        net.train(was_training)
-        for h in hooks:
-            h.remove()
+    probe_forward(net, image_size, hook, (m for m in net.modules() if m is not net))
     return smallest
 
 

@@ -15,15 +15,17 @@ from cifar_cam.models.resnet import conv1x1, conv3x3
 
 
 class PreActBlock(nn.Module):
-    """BN-ReLU-conv3x3, BN-ReLU-conv3x3, plus the input (or its 1x1 projection after the first BN-ReLU)."""
+    """BN-ReLU-conv3x3 (with the stride), dropout, BN-ReLU-conv3x3, plus the input (or its 1x1 projection after the
+    first BN-ReLU). Wide ResNet's block too; `dropout` is its option (0: none, no module that does anything)."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, dropout: float = 0.0) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = conv3x3(in_planes, planes, stride)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = conv3x3(planes, planes)
         self.relu = nn.ReLU(inplace=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.shortcut: nn.Module | None = None
         if stride != 1 or in_planes != planes:
             self.shortcut = conv1x1(in_planes, planes, stride)
@@ -31,9 +33,8 @@ class PreActBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(x))
         identity = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.conv2(self.relu(self.bn2(out)))
-        return out + identity
+        out = self.dropout(self.conv1(out))
+        return self.conv2(self.relu(self.bn2(out))) + identity
 
 
 class PreActResNet(Network):

@@ -25,6 +25,14 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
+def projection(in_planes: int, out_planes: int, stride: int) -> nn.Sequential | None:
+    """The shortcut of a block whose output differs from its input in size or channels (1x1 conv + BN), else None
+    (the identity)."""
+    if stride == 1 and in_planes == out_planes:
+        return None
+    return nn.Sequential(conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut."""
 
@@ -37,12 +45,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_planes != planes * self.expansion:
-            self.downsample = nn.Sequential(
-                conv1x1(in_planes, planes * self.expansion, stride),
-                nn.BatchNorm2d(planes * self.expansion),
-            )
+        self.downsample = projection(in_planes, planes * self.expansion, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -65,12 +68,7 @@ class Bottleneck(nn.Module):
         self.conv3 = conv1x1(planes, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_planes != planes * self.expansion:
-            self.downsample = nn.Sequential(
-                conv1x1(in_planes, planes * self.expansion, stride),
-                nn.BatchNorm2d(planes * self.expansion),
-            )
+        self.downsample = projection(in_planes, planes * self.expansion, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)

@@ -12,29 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from cifar_cam.models.base import Network
-from cifar_cam.models.resnet import conv1x1, conv3x3
-
-
-class WideBlock(nn.Module):
-    """BN-ReLU-conv3x3 (stride), dropout, BN-ReLU-conv3x3, plus the input (or its projection)."""
-
-    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = conv3x3(in_planes, planes, stride)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes)
-        self.relu = nn.ReLU(inplace=False)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = conv1x1(in_planes, planes, stride)
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(x))
-        identity = x if self.shortcut is None else self.shortcut(out)
-        out = self.dropout(self.conv1(out))
-        return self.conv2(self.relu(self.bn2(out))) + identity
+from cifar_cam.models.preact_resnet import PreActBlock
+from cifar_cam.models.resnet import conv3x3
 
 
 class WideResNet(Network):
@@ -67,7 +46,7 @@ class WideResNet(Network):
 
     @staticmethod
     def _group(in_planes: int, planes: int, n: int, stride: int, dropout: float) -> nn.Sequential:
-        return nn.Sequential(*[WideBlock(in_planes if i == 0 else planes, planes, stride if i == 0 else 1, dropout)
+        return nn.Sequential(*[PreActBlock(in_planes if i == 0 else planes, planes, stride if i == 0 else 1, dropout)
                                for i in range(n)])
 
     def forward_features(self, x: Tensor) -> Tensor:
