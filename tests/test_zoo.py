@@ -72,6 +72,15 @@ def test_every_own_architecture_declares_a_feature_layer_that_is_its_last_cam_la
                                   "airbench"}
 
 
+def test_the_torch_free_check_knows_each_builders_options() -> None:
+    from cifar_cam.config.choices import MODEL_META_KEYS, MODEL_NAMES, MODEL_OPTIONS
+    from cifar_cam.models.zoo import ARCHITECTURES, LIBRARIES, META_KEYS, takes
+
+    assert MODEL_META_KEYS == META_KEYS and set(MODEL_NAMES) == set(ARCHITECTURES)
+    assert {n: set(takes(n)) for n in ARCHITECTURES} == {n: set(MODEL_OPTIONS[n]) for n in ARCHITECTURES}
+    assert all(set(takes("x", lib)) == set(MODEL_OPTIONS[lib]) for lib in LIBRARIES)
+
+
 def test_the_published_parameter_counts() -> None:
     counts = [(name, kw, sum(p.numel() for p in build_model(name, 10, **kw).parameters())) for name, kw in [
         ("resnet18", {}), ("resnet34", {}), ("resnet50", {}), ("resnet9", {}), ("airbench", {}),
@@ -118,6 +127,9 @@ def test_external_stems_are_adapted_below_64_px_and_heads_that_average_are_known
     (["model.pretrained=true"], "model.pretrained=true would download weights, which cifar-cam never does"),
     (["model.freeze=everything"], "model.freeze must be none, backbone, or a list of module names"),
     (["model=wide_resnet", "model.depth=12"], "model.depth must be 6n + 4 for wide_resnet"),
+    (["+model.dropout=0.1"], "model=resnet18 does not take model.dropout; nothing would read it (it takes "
+                             "model.width)"),
+    (["model=timm", "+model.width=8"], "model=timm does not take model.width"),
 ])
 def test_model_mistakes_are_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
@@ -172,11 +184,13 @@ def test_a_torchvision_state_dict_fills_all_but_the_classifier_and_the_replaced_
     assert len(report["loaded"]) == len(state) - 3
     assert set(report["new"]) == {"head.fc.bias", "head.fc.weight", "trunk.conv1.weight"}
     assert f"model.pretrained: {len(state) - 3} tensors loaded" in caplog.text
-    assert "model.freeze: everything but the classifier frozen" in caplog.text
-    trained = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert "model.freeze: everything but the classifier and the adapted stem (trunk.conv1) frozen" in caplog.text
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    trained = last["model"]
     frozen = [k for k in state if k not in ("conv1.weight", "fc.weight", "fc.bias")]
     assert all(torch.equal(trained[f"trunk.{k}"], state[k]) for k in frozen)  # weights and BatchNorm statistics
-    assert not torch.equal(trained["trunk.conv1.weight"], torch.zeros_like(trained["trunk.conv1.weight"]))
+    # what trains: the new classifier (weight, bias) and the new stem, not left at its random start
+    assert sum(len(g["params"]) for g in last["optimizer"]["param_groups"]) == 3
 
 
 def test_a_cifar_cam_run_fine_tunes_on_another_class_count(shapes: Path, tmp_path: Path) -> None:

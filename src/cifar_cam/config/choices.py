@@ -17,6 +17,12 @@ MIX_MODES = ("mixup", "cutmix", "both")  # aug.mix (data/mix.py; null: off; both
 # timm / torchvision take any name of those libraries
 MODEL_NAMES = ("resnet18", "resnet34", "resnet50", "preact_resnet18", "wide_resnet", "resnet9", "airbench")
 MODEL_SOURCES = ("cifar_cam", "timm", "torchvision")
+# the builder's options each architecture takes (models/zoo.py: `takes`, from the builders' signatures; a test keeps
+# the two equal), and the model.* keys the rest of cifar-cam reads (models/zoo.py: META_KEYS)
+MODEL_OPTIONS = {"resnet18": ("width",), "resnet34": ("width",), "resnet50": ("width",),
+                 "preact_resnet18": ("width",), "wide_resnet": ("depth", "widen", "dropout"), "resnet9": ("width",),
+                 "airbench": ("widths",), "timm": ("small_input",), "torchvision": ("small_input",)}
+MODEL_META_KEYS = ("name", "source", "cam_layers", "pretrained", "freeze")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # trainer.precision (training/device.py)
 STRATEGIES = ("auto", "single", "ddp")  # trainer.strategy (training/distributed.py)
 # gradcam.method (explain/cam.py: METHODS, same order)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from cifar_cam.config.checks import a_path, check, choice, int_at_least, is_bool, is_int, is_list, number_in, positive
-from cifar_cam.config.choices import MODEL_NAMES, MODEL_SOURCES
+from cifar_cam.config.choices import MODEL_META_KEYS, MODEL_NAMES, MODEL_OPTIONS, MODEL_SOURCES
 from cifar_cam.errors import ConfigError
 
 
@@ -21,6 +21,12 @@ def validate_model(c: DictConfig, command: str) -> None:
                "model=torchvision with model.name=<any of theirs>)")
     else:
         check(c, "model.name", a_path, f"a {source} model name")
+    takes = MODEL_OPTIONS.get(str(m.name) if source == "cifar_cam" else source, ())
+    extra = [k for k in m if k not in MODEL_META_KEYS and k not in takes]
+    if extra:  # a +key another architecture's YAML has (model.dropout of wide_resnet on resnet18)
+        named = f"model={m.name}" if source == "cifar_cam" else f"model={source}"
+        raise ConfigError(f"{named} does not take model.{extra[0]}; nothing would read it (it takes "
+                          f"{', '.join('model.' + k for k in takes) or 'no options'})")
     for key in ("width", "depth", "widen"):
         if key in m:
             check(c, f"model.{key}", int_at_least(1), "an integer >= 1")

@@ -158,6 +158,26 @@ def _is_bias(name: str, p: Tensor) -> bool:
     return p.ndim == 1 and name.endswith(".bias")
 
 
+def _check_keys(spec: dict[str, Any]) -> None:
+    """ConfigError (one line) for an optimizer.* key the optimizer class does not take: a preset's momentum under
+    optimizer=adam would otherwise be a TypeError inside its constructor."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    from cifar_cam.errors import ConfigError
+
+    target = str(spec.get("_target_", ""))
+    params = inspect.signature(get_class(target).__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    extra = [k for k in spec if not k.startswith("_") and k not in params]
+    if extra:
+        takes = ", ".join(k for k in params if k not in ("self", "params"))
+        raise ConfigError(f"optimizer.{extra[0]}: {target.rsplit('.', 1)[-1]} does not take it (it takes {takes}); "
+                          f"drop it, or choose an optimizer that has it")
+
+
 def build_optimizer(optimizer_cfg: Any, model: nn.Module, **overrides: Any) -> torch.optim.Optimizer:
     """`optimizer.*` over the model's trainable parameters (frozen ones are left out). With
     optimizer.backbone_lr_scale != 1 the classifier steps at lr and everything else at lr x the scale; with
@@ -172,6 +192,7 @@ def build_optimizer(optimizer_cfg: Any, model: nn.Module, **overrides: Any) -> t
     backbone = float(spec.pop("backbone_lr_scale", 1.0))
     biases = float(spec.pop("bias_lr_scale", 1.0))
     spec.update(overrides)
+    _check_keys(spec)
     factory = instantiate(spec)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     is_muon = str(spec.get("_target_", "")).endswith(".Muon")

@@ -164,9 +164,12 @@ def _frozen_class(cls: type) -> type:
 
 def _frozen_parts(model: Network, spec: Any) -> tuple[str, list[nn.Module], set[int]]:
     """(what to say, the modules whose BatchNorms freeze, the ids of the parameters that freeze)."""
-    if spec == "backbone":
-        head = {id(p) for p in model.get_classifier().parameters()}
-        return "everything but the classifier", [model], {id(p) for p in model.parameters() if id(p) not in head}
+    if spec == "backbone":  # a stem model.small_input replaced is new, like the classifier: both train
+        stem = tuple(getattr(model, "stem", ()))
+        train = [model.get_classifier(), *(model.get_submodule(n) for n in stem)]
+        keep = {id(p) for m in train for p in m.parameters()}
+        what = "everything but the classifier" + (f" and the adapted stem ({', '.join(stem)})" if stem else "")
+        return what, [model], {id(p) for p in model.parameters() if id(p) not in keep}
     names = [str(n) for n in spec]
     modules = dict(model.named_modules())
     unknown = [n for n in names if n not in modules]
