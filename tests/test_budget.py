@@ -94,8 +94,8 @@ def test_budget_module_does_not_import_torch() -> None:
 
 # --- the template ------------------------------------------------------------------------------------------------
 
-def test_template_of_cpu_quick_reproduces_its_schedule_at_14_epochs() -> None:
-    cfg = OmegaConf.load(REPO / "conf" / "experiment" / "cpu_quick.yaml")
+def test_template_of_cpu_budget_reproduces_its_schedule_at_14_epochs() -> None:
+    cfg = OmegaConf.load(REPO / "conf" / "experiment" / "cpu_budget.yaml")
     template = template_from(list(cfg.trainer.progressive_resize), cfg.trainer.epochs, 32)
     assert template == [(12, 2), (16, 3), (24, 4), (32, 5)]
     assert epoch_sizes(template, 14, 32) == [12, 12, 16, 16, 16, 24, 24, 24, 24, 32, 32, 32, 32, 32]

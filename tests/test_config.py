@@ -68,21 +68,33 @@ def test_experiment_presets_override_groups() -> None:
     assert fast.scheduler._target_.endswith("OneCycleLR") and fast.aug.preset == "crop_flip"
     assert fast.scheduler.max_lr == fast.optimizer.lr  # interpolation follows the optimizer
     quick = _compose("train", ["experiment=cpu_quick"])
-    assert quick.model.width < 64
+    assert quick.model.name == "airbench" and quick.optimizer.bias_lr_scale == 64
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "muon"])
-def test_cpu_quick_builds_with_any_optimizer(optimizer: str) -> None:
+def test_cpu_budget_builds_with_any_optimizer(optimizer: str) -> None:
     """The preset sets only keys every optimizer has, so swapping its Muon for another still builds."""
     import torch
 
     from cifar_cam.training.optim import build_optimizer
 
-    cfg = _compose("train", ["experiment=cpu_quick", f"optimizer={optimizer}", "data=synthetic"])
+    cfg = _compose("train", ["experiment=cpu_budget", f"optimizer={optimizer}", "data=synthetic"])
     validate(cfg, "train")
     built = build_optimizer(cfg.optimizer, torch.nn.Conv2d(3, 4, 3))
     assert built.param_groups[0]["lr"] == 0.04
     assert type(built).__name__ == {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "muon": "Muon"}[optimizer]
+
+
+def test_a_key_the_optimizer_class_lacks_is_one_line() -> None:
+    """cpu_quick's SGD momentum under optimizer=adam: a ConfigError naming the key, not a TypeError in Adam."""
+    import torch
+
+    from cifar_cam.errors import ConfigError
+    from cifar_cam.training.optim import build_optimizer
+
+    cfg = _compose("train", ["experiment=cpu_quick", "optimizer=adam", "data=synthetic"])
+    with pytest.raises(ConfigError, match=r"optimizer.momentum: Adam does not take it \(it takes lr, betas, eps"):
+        build_optimizer(cfg.optimizer, torch.nn.Conv2d(3, 4, 3))
 
 
 @pytest.mark.parametrize(

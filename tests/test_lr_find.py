@@ -197,15 +197,15 @@ def test_printed_command_from_a_checkpoint_trains_what_was_measured(trained_run:
 
 
 def test_train_command_from_a_preset_quotes_what_hydra_would_split() -> None:
-    cfg = compose_cfg("lr-find", ["experiment=cpu_quick", "data=folder", "data.root='/my data, v2/x.tar.gz'",
+    cfg = compose_cfg("lr-find", ["experiment=cpu_budget", "data=folder", "data.root='/my data, v2/x.tar.gz'",
                                   "model.width=24", "lr_find.num_iter=50", "optimizer.lr=1",
                                   "trainer.progressive_resize=[16,24]"])
-    command = train_command(cfg, 0.0123456, {"experiment": "cpu_quick", "data": "folder", "optimizer": "muon",
+    command = train_command(cfg, 0.0123456, {"experiment": "cpu_budget", "data": "folder", "optimizer": "muon",
                                              "aug": "crop_flip", "scheduler": "onecycle", "model": "resnet18"})
     words = shlex.split(command)
     assert words[:2] == ["cifar-cam", "train"] and words[-1] == "optimizer.lr=0.0123"
     # the preset and the choice it does not imply; not the groups the preset itself sets
-    assert "experiment=cpu_quick" in words and "data=folder" in words and "optimizer=muon" not in words
+    assert "experiment=cpu_budget" in words and "data=folder" in words and "optimizer=muon" not in words
     assert "data.root='/my data, v2/x.tar.gz'" in words and "model.width=24" in words
     assert "trainer.progressive_resize=[16,24]" in words and not any("lr_find" in w for w in words)
     from hydra.core.override_parser.overrides_parser import OverridesParser

@@ -21,11 +21,11 @@ def test_a_value_survives_hydras_parser(value: object) -> None:
 
 
 def test_overrides_compose_back_to_the_config() -> None:
-    typed = ["experiment=cpu_quick", "data=synthetic", "data.train_size=128", "model.width=24",
+    typed = ["experiment=cpu_budget", "data=synthetic", "data.train_size=128", "model.width=24",
              "trainer.progressive_resize=[12,16]", "aug.pad=3", "optimizer.lr=0.1"]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=typed)
-        derived = overrides_for(cfg, "train", {"experiment": "cpu_quick", "data": "synthetic", "optimizer": "muon"})
+        derived = overrides_for(cfg, "train", {"experiment": "cpu_budget", "data": "synthetic", "optimizer": "muon"})
         again = compose("train", overrides=derived)
     assert "optimizer=muon" not in derived  # the preset chooses it itself
     assert OmegaConf.to_container(again, resolve=True) == OmegaConf.to_container(cfg, resolve=True)
