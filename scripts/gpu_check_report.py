@@ -239,7 +239,7 @@ def collect_pytest(run: CheckRun) -> int:
 
 
 def collect_run(run: CheckRun, name: str) -> int:
-    """Steps 5a, 5b: one train run's figures."""
+    """Steps 5a, 5b, 5c: one train run's figures."""
     fig = run_figures(run, name)
     return save(run, name, fig, [("the run finished on the device", fig["finished"] and on_device(run, fig))])
 
@@ -276,6 +276,7 @@ COLLECT: dict[str, Callable[[CheckRun], int]] = {  # step -> what reads its figu
     "pytest_cuda": collect_pytest,
     "fast2_eager": lambda run: collect_run(run, "fast2_eager"),
     "fast2_compiled": lambda run: collect_run(run, "fast2_compiled"),
+    "cpu_quick": lambda run: collect_run(run, "cpu_quick"),
     "fast_seeds": collect_seeds,
     "bench_ceiling": lambda run: collect_bench(run, "bench_ceiling"),
 }
@@ -349,6 +350,7 @@ def summary(figures: dict[str, Figures | None]) -> dict[str, Any]:
     """The headline figures of a run, picked from the steps' figures."""
     env, f2e, f2c = figures.get("env") or {}, figures.get("fast2_eager") or {}, figures.get("fast2_compiled") or {}
     seeds, ceiling = figures.get("fast_seeds") or {}, figures.get("bench_ceiling") or {}
+    quick = figures.get("cpu_quick") or {}
     last = [(f.get("epoch_seconds") or [None])[-1] for f in (f2e, f2c)]
     return {
         "gpu": env.get("gpu"), "bf16_native": env.get("bf16_native"), "torch": env.get("torch"),
@@ -357,6 +359,7 @@ def summary(figures: dict[str, Figures | None]) -> dict[str, Any]:
         "compile_speedup_epoch2": round(last[0] / last[1], 3) if all(last) else None,
         "fast_seeds_finished": seeds.get("finished"), "fast_mean_test_acc": seeds.get("mean_test_acc"),
         "fast_mean_wall_seconds": seeds.get("mean_wall_seconds"),
+        "cpu_quick_test_acc": quick.get("test_acc"), "cpu_quick_wall_seconds": quick.get("wall_seconds"),
         "bench_ratio_to_ceiling": (ceiling.get("ratio_to_ceiling") or {}).get("torch"),
     }
 

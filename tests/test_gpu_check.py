@@ -23,8 +23,8 @@ from conftest import REPO
 
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 REPORT = REPO / "scripts" / "gpu_check_report.py"
-STEPS = ["setup", "env", "bench_quick", "synthetic", "pytest_cuda", "fast2_eager", "fast2_compiled", "fast_seeds",
-         "bench_ceiling"]
+STEPS = ["setup", "env", "bench_quick", "synthetic", "pytest_cuda", "fast2_eager", "fast2_compiled", "cpu_quick",
+         "fast_seeds", "bench_ceiling"]
 
 
 def dry_run(out: Path, **env: str) -> tuple[subprocess.CompletedProcess, dict[str, Any] | None]:
@@ -46,10 +46,10 @@ def test_dry_run_plans_every_step_within_the_budget_and_every_line_is_valid(tmp_
     assert result.returncode == 0, result.stdout + result.stderr
     assert doc["mode"] == "dry-run" and doc["passed"] is True
     assert [s["name"] for s in doc["steps"]] == STEPS
-    assert [s["number"] for s in doc["steps"]] == ["0", "1", "2", "3", "4", "5a", "5b", "6", "7"]
+    assert [s["number"] for s in doc["steps"]] == ["0", "1", "2", "3", "4", "5a", "5b", "5c", "6", "7"]
     assert {s["status"] for s in doc["steps"]} == {"planned"}
     planned = sum(s["timeout_planned"] for s in doc["steps"])
-    assert planned == doc["planned_seconds"] <= doc["budget_seconds"] == 360  # ~6 minutes, room for a rerun
+    assert planned == doc["planned_seconds"] <= doc["budget_seconds"] == 400  # ~7 minutes, room for a rerun
     call = doc["device_call"]
     assert call["carry"] == [".gpu"] and doc["budget_seconds"] + 30 <= call["timeout_s"] <= 600
     assert [s["name"] for s in doc["steps"] if s["flexible"]] == ["fast_seeds", "bench_ceiling"]
@@ -118,14 +118,15 @@ def test_the_report_reads_the_figures_of_a_run_and_fails_a_pass_whose_checks_do_
     runs = work / "runs"
     fake_train_run(runs, "fast2_eager", [9.0, 4.0], test_acc=0.5)
     fake_train_run(runs, "fast2_compiled", [30.0, 2.0], test_acc=0.5, compile_seconds=25.0, recompiles=0)
+    fake_train_run(runs, "cpu_quick", [2.0] * 10, test_acc=0.93, wall_seconds=30.0)
     fake_train_run(runs, "fast_seed0", [3.0] * 26, test_acc=0.94, wall_seconds=100.0)
     (runs / "fast_seed1").mkdir()  # cut short by the step's timeout: no summary.json
     (work / "seeds.tsv").write_text("2\tskipped\t40\t100\n0\t0\t101\n")
-    for key, value in dict(GC_REPO=REPO, GC_WORK=work, GC_OUT=out, GC_DRY=0, GC_DEVICE="cuda", GC_BUDGET=360,
-                           GC_STARTED="now", GC_DEVICE_CALL_TIMEOUT=420).items():
+    for key, value in dict(GC_REPO=REPO, GC_WORK=work, GC_OUT=out, GC_DRY=0, GC_DEVICE="cuda", GC_BUDGET=400,
+                           GC_STARTED="now", GC_DEVICE_CALL_TIMEOUT=460).items():
         monkeypatch.setenv(key, str(value))
 
-    for name in ("fast2_eager", "fast2_compiled"):
+    for name in ("fast2_eager", "fast2_compiled", "cpu_quick"):
         assert report.main(["finish", name, "pass", "0", "0", "2500000", "35"]) == 0
     assert report.main(["finish", "fast_seeds", "timeout", "124", "0", "1000000", "150"]) == 0
     assert report.main(["finish", "synthetic", "pass", "0", "0", "0", "50"]) == 0  # passed, but left no runs
@@ -143,5 +144,6 @@ def test_the_report_reads_the_figures_of_a_run_and_fails_a_pass_whose_checks_do_
     assert seeds["skipped"] == [{"seed": 2, "seconds_left": 40, "last_seed_seconds": 100}]
     assert seeds["finished"] == 1 and seeds["mean_test_acc"] == 0.94 and seeds["stdev_test_acc"] is None
     assert doc["summary"]["compile_speedup_epoch2"] == 2.0 and doc["summary"]["compile_seconds"] == 25.0
+    assert doc["summary"]["cpu_quick_test_acc"] == 0.93 and doc["summary"]["cpu_quick_wall_seconds"] == 30.0
     planned = sum(int(row.split("|")[2]) for row in plan if "|bench_ceiling|" not in row)
     assert doc["passed"] is False and doc["planned_seconds"] == planned  # bench_ceiling's seconds not counted
