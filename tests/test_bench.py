@@ -77,3 +77,20 @@ def test_bench_refuses_bad_arguments(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(BENCH), "--quick", "--backends", "jax"], capture_output=True,
                             text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2 and "--backends: 'jax' is not one of" in result.stderr
+
+
+def test_bench_models_prints_each_models_size_and_speed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts/bench_models.py --quick in process: a table row per chosen model, its JSON the same numbers."""
+    spec = importlib.util.spec_from_file_location("bench_models", REPO / "scripts" / "bench_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "models.json"
+    assert module.main(["--quick", "--models", "airbench", "resnet9", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert set(data) == {"airbench", "resnet9"}
+    assert data["airbench"]["params"] == 1_972_792 and data["resnet9"]["params"] == 6_573_120
+    assert 0.2 < data["airbench"]["gflops"] < 0.3 and all(r["img_s"] > 0 for r in data.values())
+    assert "| airbench | 1.97M | 0.24 |" in printed and "| resnet9 | 6.57M | 0.76 |" in printed
+    with pytest.raises(SystemExit):
+        module.main(["--models", "vgg"])
