@@ -58,7 +58,9 @@ def test_dry_run_plans_every_step_within_the_budget_and_every_line_is_valid(tmp_
     checked = [v for v in doc["validation"] if v["command"].startswith("cifar-cam ")]
     assert checked and all(v["ok"] is True for v in checked), [v for v in checked if not v["ok"]]
     trains = cifar_cam_lines(doc, "train")
-    assert len(trains) == 7  # muon + fp16 on synthetic data, fast eager + compiled, 3 seeds of fast
+    assert len(trains) == 8  # muon + fp16 on synthetic data, fast eager + compiled, cpu_quick, 3 seeds of fast
+    quick = [v["command"] for v in trains if "experiment=cpu_quick" in v["command"]]
+    assert len(quick) == 1 and "trainer.time_budget=null" in quick[0] and "cifar10-jpg.tar.gz" in quick[0]
     assert all("trainer.device=cuda" in v["command"] and "hydra.run.dir=" in v["command"] for v in trains)
     fast = [v["command"] for v in trains if "experiment=fast" in v["command"]]
     assert all("data=folder" in c and "data.root=" in c and "cifar10-jpg.tar.gz" in c for c in fast)

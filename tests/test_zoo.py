@@ -184,7 +184,8 @@ def test_a_torchvision_state_dict_fills_all_but_the_classifier_and_the_replaced_
     assert len(report["loaded"]) == len(state) - 3
     assert set(report["new"]) == {"head.fc.bias", "head.fc.weight", "trunk.conv1.weight"}
     assert f"model.pretrained: {len(state) - 3} tensors loaded" in caplog.text
-    assert "model.freeze: everything but the classifier and the adapted stem (trunk.conv1) frozen" in caplog.text
+    assert "model.freeze: everything but the classifier and the adapted stem (trunk.conv1, trunk.maxpool) frozen" \
+        in caplog.text
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     trained = last["model"]
     frozen = [k for k in state if k not in ("conv1.weight", "fc.weight", "fc.bias")]
