@@ -114,12 +114,13 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
 
 
 def ceiling(model: nn.Module, batch_size: int, steps: int, warmup: int, device: torch.device,
-            amp_dtype: torch.dtype | None, memory_format: torch.memory_format) -> Run:
-    """fwd + bwd + step on one resident random batch: what the model alone can do (warmed up)."""
+            amp_dtype: torch.dtype | None, memory_format: torch.memory_format, side: int = 32) -> Run:
+    """fwd + bwd + step on one resident random batch of `side`-px images: what the model alone can do (warmed up).
+    scripts/bench_models.py times every zoo model with it."""
     criterion = nn.CrossEntropyLoss()
     optimizer = sgd(model)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    x = torch.randn(batch_size, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
+    x = torch.randn(batch_size, 3, side, side, device=device).contiguous(memory_format=memory_format)
     y = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
     model.train()
 

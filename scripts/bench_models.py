@@ -29,9 +29,12 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench import ceiling  # noqa: E402
 
 from cifar_cam.models import conv_flops, count_parameters, model_from_config  # noqa: E402
-from cifar_cam.training.device import autocast, precision_name, resolve_precision  # noqa: E402
+from cifar_cam.training.device import precision_name, resolve_precision  # noqa: E402
 
 # (label, conf/model/<file>, overrides): the rows of the table
 ZOO = [
@@ -55,27 +58,12 @@ def model_cfg(file: str, overrides: dict) -> dict:
 
 
 def images_per_second(model: nn.Module, batch_size: int, steps: int, side: int, dtype: torch.dtype | None) -> float:
-    """Training ceiling: `steps` timed fwd + bwd + step on one resident batch, after two untimed ones."""
-    device = torch.device("cpu")
-    model = model.to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    criterion = nn.CrossEntropyLoss()
-    x = torch.randn(batch_size, 3, side, side).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (batch_size,))
-
-    def step() -> None:
-        with autocast(device, dtype):
-            loss = criterion(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    for _ in range(2):
-        step()
+    """Training ceiling (bench.py's): `steps` timed fwd + bwd + SGD steps on one resident batch, after two untimed."""
+    run = ceiling(model.to(memory_format=torch.channels_last), batch_size, steps, 2, torch.device("cpu"), dtype,
+                  torch.channels_last, side)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * batch_size / (time.perf_counter() - t0)
+    images = run()
+    return images / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
