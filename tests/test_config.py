@@ -112,6 +112,7 @@ def test_a_key_the_optimizer_class_lacks_is_one_line() -> None:
         ("trainer.precision=fp8", "trainer.precision must be one of"),
         ("trainer.stall_timeout=0", "trainer.stall_timeout must be 'auto', null (off) or seconds > 0, got 0"),
         ("trainer.stop_grace=null", "trainer.stop_grace must be seconds > 0, got None"),
+        ("eval.tta=mirror", "eval.tta must be true (the mean over the image and its mirror), false, or translate"),
     ],
 )
 def test_validate_names_key_and_value(override: str, message: str) -> None:

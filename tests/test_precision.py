@@ -14,7 +14,7 @@ from cifar_cam.data.augment import build_train_batches
 from cifar_cam.data.sources import make_synthetic
 from cifar_cam.models import build_model
 from cifar_cam.training.device import autocast, input_memory_format, resolve_precision
-from cifar_cam.training.engine import collect_logits, train_one_epoch
+from cifar_cam.training.engine import collect_logits, train_one_epoch, tta_views
 from conftest import TINY, compose_cfg
 
 CPU = torch.device("cpu")
@@ -141,6 +141,27 @@ def test_predict_in_bf16_with_tta_returns_float32_logits() -> None:
     assert torch.equal(bf16.labels, fp32.labels)
     assert (bf16.logits - fp32.logits).abs().max() < 0.5  # bf16 and mirror TTA: close, not equal
     assert not torch.equal(bf16.logits, fp32.logits)
+
+
+def test_translate_tta_is_airbench94s_level_2() -> None:
+    """eval.tta=translate: half the flip mean of the image, half the flip means of its reflect-padded 1-px shifts
+    up-left and down-right; 6 forward passes a batch (the budget planner's count)."""
+    model, batches, _ = setup(n=32)
+    batches.set_epoch(0)
+    images = next(iter(batches))[0]
+    calls = []
+    model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    got = collect_logits(model, [(images, torch.zeros(32, dtype=torch.long))], device=CPU, tta="translate").logits
+    assert len(calls) == tta_views("translate") == 6 and tta_views(True) == 2 and tta_views(False) == 1
+    with torch.inference_mode():
+        def mirrored(x: Tensor) -> Tensor:
+            return (model(x) + model(x.flip(3))) / 2
+
+        padded = torch.nn.functional.pad(images, (1, 1, 1, 1), mode="reflect")
+        want = mirrored(images) / 2 + (mirrored(padded[:, :, :32, :32]) + mirrored(padded[:, :, 2:, 2:])) / 4
+        flip_only = mirrored(images)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert (got - flip_only).abs().max() > 1e-3  # the shifts count
 
 
 @pytest.mark.parametrize("channels_last", [True, False])

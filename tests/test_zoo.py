@@ -286,7 +286,11 @@ def test_biases_step_at_their_scale_with_the_same_decay_per_step() -> None:
     for p in model.parameters():
         p.grad = torch.zeros_like(p) if p.requires_grad else None
     model.block1.norm1.bias.grad = torch.ones_like(model.block1.norm1.bias)
+    model.whiten.bias.grad = torch.ones_like(model.whiten.bias)
     optimizer.step()
+    # a convolution's bias (the whitening layer's) is not a BatchNorm shift: lr, as airbench94's other_params
+    whiten = before["whiten.bias"]
+    assert torch.allclose(model.whiten.bias, whiten - 0.1 * 1 - 0.1 * 0.01 * whiten)
     # a BatchNorm shift: lr x 64 on the gradient, the decay (lr x weight_decay) per step unchanged
     shift = before["block1.norm1.bias"]
     assert torch.allclose(model.block1.norm1.bias, shift - 6.4 * 1 - 0.1 * 0.01 * shift)

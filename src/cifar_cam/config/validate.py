@@ -164,7 +164,8 @@ def check_aug_sizes(aug: Any) -> None:
 def _validate_eval(c: DictConfig, command: str) -> None:
     """eval.*; eval.calibrate needs a val split to fit on (never the test set)."""
     check(c, "eval.batch_size", int_at_least(1), "an integer >= 1")
-    check(c, "eval.tta", is_bool, "true or false")
+    check(c, "eval.tta", lambda v: v is True or v is False or v == "translate",
+          "true (the mean over the image and its mirror), false, or translate (also shifted a pixel each way)")
     check(c, "eval.precision", choice(EVAL_PRECISIONS), f"one of {list(EVAL_PRECISIONS)}", optional=True)
     if command != "eval" or OmegaConf.select(c, "eval.calibrate", default=None) is None:
         return  # absent: merged from a checkpoint's eval section, which has no calibrate key

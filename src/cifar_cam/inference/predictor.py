@@ -166,9 +166,10 @@ class Predictor:
         if fitted and model_sha and fitted != model_sha:
             log.warning("calibration=%s was fitted on another checkpoint (%s) than this model's: its temperature "
                         "may not fit", calibration.source, (calibration.info.get("checkpoint") or {}).get("path"))
-        if calibration is not None and (calibration.info.get("fitted_on") or {}).get("tta"):
-            log.warning("calibration=%s was fitted on flip-TTA logits (eval.tta=true); these predictions have no "
-                        "TTA, so its temperature may be off", calibration.source)
+        tta = (calibration.info.get("fitted_on") or {}).get("tta") if calibration is not None else None
+        if tta:
+            log.warning("calibration=%s was fitted on TTA logits (eval.tta=%s); these predictions have no TTA, so "
+                        "its temperature may be off", calibration.source, str(tta).lower())
         self.calibration = calibration
 
     @property

@@ -199,7 +199,7 @@ def eval_precision(cfg: DictConfig) -> str:
 
 
 def test_logits(model: torch.nn.Module, splits: DataSplits, cfg: DictConfig, device: torch.device,
-                tta: bool = False) -> SplitLogits:
+                tta: bool | str = False) -> SplitLogits:
     """The model's logits for the whole test set, in eval.batch_size batches at eval.precision, normalized as
     the splits say (a checkpoint's: splits.normalized_as)."""
     batches = EvalBatches(splits.test, cfg.eval.batch_size, device, splits.mean, splits.std)

@@ -32,7 +32,7 @@ from cifar_cam.tasks.common import (
 )
 from cifar_cam.training.checkpoint import check_classes, normalization_of
 from cifar_cam.training.device import resolve_precision
-from cifar_cam.training.engine import SplitLogits, collect_logits, metrics_from, misclassified
+from cifar_cam.training.engine import SplitLogits, collect_logits, metrics_from, misclassified, tta_suffix
 
 log = logging.getLogger("cifar_cam.eval")
 
@@ -64,7 +64,7 @@ def calibrate(test: SplitLogits, val: SplitLogits, splits: DataSplits, cfg: Dict
         "probabilities": "softmax(logits / temperature)",
         "method": "temperature scaling: T minimizing the val NLL (LBFGS on log T)",
         "fitted_on": {"split": "val", "size": len(val.labels), "seed": int(cfg.seed), "data": str(cfg.data.source),
-                      "tta": bool(cfg.eval.tta)},
+                      "tta": cfg.eval.tta},
         "ece_bins": cal.ECE_BINS,
         "val": cal.scores(val.logits.numpy(), val.labels.numpy(), temperature),
         "test": cal.scores(test.logits.numpy(), test.labels.numpy(), temperature),
@@ -137,7 +137,7 @@ def eval_(cfg: DictConfig) -> float:
     console().print(table)
     log.info("test accuracy %s, loss %.4f on %d images (%s, epoch %d; %s%s); wrote %s", percent(result.acc),
              result.loss, result.n, payload["path"], payload["epoch"], eval_precision(cfg),
-             ", flip TTA" if cfg.eval.tta else "", out)
+             tta_suffix(cfg.eval.tta), out)
     if fitted is None:
         log.info("test ECE %s (top-label, %d bins), NLL %.4f; eval.calibrate=true fits a temperature on val",
                  percent(metrics["ece"]), cal.ECE_BINS, metrics["nll"])

@@ -207,10 +207,40 @@ class SplitLogits:
         return self.logits.softmax(1).max(1).values
 
 
+def tta_views(tta: bool | str) -> int:
+    """Forward passes an image costs at eval.tta=`tta`: false 1, true (flip) 2, translate 6."""
+    return {False: 1, True: 2, "translate": 6}[tta]
+
+
+def tta_suffix(tta: bool | str) -> str:
+    """What a log line of an accuracy adds for eval.tta (nothing when off)."""
+    return {False: "", True: ", flip TTA", "translate": ", flip + translate TTA"}[tta]
+
+
+def _mirrored(model: nn.Module, images: Tensor) -> Tensor:
+    return (model(images).float() + model(images.flip(3)).float()) / 2
+
+
+def tta_logits(model: nn.Module, images: Tensor, tta: bool | str = False) -> Tensor:
+    """The model's float logits for a batch at eval.tta=`tta`: false, the image's; true, the mean of the image's and
+    its mirror's; "translate" (airbench94's level 2), half that mean and half the mean of the same for the image
+    shifted by one pixel up-left and down-right (reflect-padded)."""
+    if not tta:
+        return model(images).float()
+    logits = _mirrored(model, images)
+    if tta == "translate":
+        h, w = images.shape[2:]
+        padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+        shifted = [padded[:, :, :h, :w], padded[:, :, 2:, 2:]]
+        shifted = [s.contiguous(memory_format=input_memory_format(model)) for s in shifted]
+        logits = (logits + (_mirrored(model, shifted[0]) + _mirrored(model, shifted[1])) / 2) / 2
+    return logits
+
+
 @torch.inference_mode()
 def collect_logits(model: nn.Module, batches: Batches, *, device: torch.device, amp_dtype: torch.dtype | None = None,
-            tta: bool = False, heartbeat: Callable[[], None] | None = None) -> SplitLogits:
-    """Logits for every batch; with `tta`, the mean of the logits of each image and its mirror.
+            tta: bool | str = False, heartbeat: Callable[[], None] | None = None) -> SplitLogits:
+    """Logits for every batch, at eval.tta=`tta` (tta_logits).
 
     `heartbeat()` is called after every batch (the stall watchdog's clock).
     """
@@ -220,9 +250,7 @@ def collect_logits(model: nn.Module, batches: Batches, *, device: torch.device, 
     for images, labels in batches:
         images = images.contiguous(memory_format=memory_format)
         with autocast(device, amp_dtype):
-            logits = model(images).float()
-            if tta:
-                logits = (logits + model(images.flip(3)).float()) / 2
+            logits = tta_logits(model, images, tta)
         all_logits.append(logits)
         all_labels.append(labels)
         if heartbeat is not None:
@@ -253,7 +281,7 @@ def metrics_from(predictions: SplitLogits, num_classes: int) -> EvalResult:
 
 
 def evaluate(model: nn.Module, batches: Batches, num_classes: int, *, device: torch.device,
-             amp_dtype: torch.dtype | None = None, tta: bool = False,
+             amp_dtype: torch.dtype | None = None, tta: bool | str = False,
              heartbeat: Callable[[], None] | None = None) -> EvalResult:
     """collect_logits + metrics_from."""
     logits = collect_logits(model, batches, device=device, amp_dtype=amp_dtype, tta=tta, heartbeat=heartbeat)

@@ -28,7 +28,7 @@ from cifar_cam.training.budget.lr_schedules import in_scheduler_steps
 from cifar_cam.training.budget.probe import replan_after, sizes_text
 from cifar_cam.training.checkpoint import detached_copy, load_checkpoint, remove_stale_temp_files
 from cifar_cam.training.device import precision_name
-from cifar_cam.training.engine import EpochTotals, evaluate, train_one_epoch
+from cifar_cam.training.engine import EpochTotals, evaluate, train_one_epoch, tta_suffix
 from cifar_cam.training.run import (
     METRIC_FIELDS,
     Run,
@@ -279,5 +279,5 @@ def final_test(run: Run, state: RunState, stopped_early: bool, sup: Supervisor) 
     if run.trackers is not None and run.trackers.names:
         track_final(run, state, test, summary)
     log.info("test accuracy %s (loss %.4f) with the best checkpoint (epoch %d, val %s)%s", percent(test.acc),
-             test.loss, state.best_epoch, percent(summary["best_val_acc"]), ", flip TTA" if cfg.eval.tta else "")
+             test.loss, state.best_epoch, percent(summary["best_val_acc"]), tta_suffix(cfg.eval.tta))
     log.info("wrote %s", run.out)

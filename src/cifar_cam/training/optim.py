@@ -153,9 +153,13 @@ def apply_lr_factors(optimizer: torch.optim.Optimizer) -> None:
     optimizer.register_step_post_hook(unscale)
 
 
-def _is_bias(name: str, p: Tensor) -> bool:
-    """A bias or a BatchNorm shift (1-d, named *.bias): what optimizer.bias_lr_scale speeds up."""
-    return p.ndim == 1 and name.endswith(".bias")
+NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _norm_shifts(model: nn.Module) -> set[int]:
+    """ids of the normalization layers' shifts (BatchNorm, GroupNorm, LayerNorm .bias): what
+    optimizer.bias_lr_scale speeds up (airbench's `norm_biases`; a convolution's bias is not one of them)."""
+    return {id(m.bias) for m in model.modules() if isinstance(m, NORMS) and isinstance(m.bias, Tensor)}
 
 
 def _check_keys(spec: dict[str, Any]) -> None:
@@ -181,7 +185,7 @@ def _check_keys(spec: dict[str, Any]) -> None:
 def build_optimizer(optimizer_cfg: Any, model: nn.Module, **overrides: Any) -> torch.optim.Optimizer:
     """`optimizer.*` over the model's trainable parameters (frozen ones are left out). With
     optimizer.backbone_lr_scale != 1 the classifier steps at lr and everything else at lr x the scale; with
-    optimizer.bias_lr_scale != 1 biases and BatchNorm shifts step at lr x that scale with their weight decay
+    optimizer.bias_lr_scale != 1 BatchNorm (and other normalization) shifts step at lr x that scale with their decay
     divided by it (the same decay per step, as airbench); Muon leaves the architecture's `no_muon` filters to
     SGD. `overrides`: keys to replace (lr-find's start LR)."""
     from hydra.utils import instantiate
@@ -201,10 +205,11 @@ def build_optimizer(optimizer_cfg: Any, model: nn.Module, **overrides: Any) -> t
         return factory([p for _, p in trainable])
     classifier = model.get_classifier() if backbone != 1.0 else None  # type: ignore[operator]
     head = {id(p) for p in classifier.parameters()} if classifier is not None else set()
+    shifts = _norm_shifts(model)
     groups: dict[tuple[float, float, bool], list[Tensor]] = {}
     for name, p in trainable:
         factor = 1.0 if id(p) in head else backbone
-        bias = biases if _is_bias(name, p) else 1.0
+        bias = biases if id(p) in shifts else 1.0
         muon = not any(name == m or name.startswith(m + ".") for m in no_muon)
         groups.setdefault((factor * bias, bias, muon), []).append(p)
     decay = float(spec.get("weight_decay", 0.0))

@@ -34,7 +34,7 @@ from cifar_cam.training import distributed
 from cifar_cam.training.budget.planner import Overhead, Plan, RunFacts, replan, template_from
 from cifar_cam.training.checkpoint import rng_state, save_checkpoint, set_rng_state
 from cifar_cam.training.device import autocast, input_memory_format
-from cifar_cam.training.engine import backward_and_step, collect_logits
+from cifar_cam.training.engine import backward_and_step, collect_logits, tta_views
 from cifar_cam.training.optim import build_optimizer
 from cifar_cam.training.run import Run, RunState, checkpoint_payload
 from cifar_cam.training.supervise import Supervisor
@@ -157,7 +157,7 @@ def probe(run: Run, state: RunState, sizes: list[int], sup: Supervisor) -> tuple
     best_too = 2 if run.val_batches is not None else 1  # best.pt: a write of its own, or a copy of last.pt
     state.write_seconds = (best_too * save + PLOT_SECONDS) / every
     overhead = Overhead(epoch_seconds=val_images * per_image + state.write_seconds,
-                        final_seconds=len(run.splits.test) * per_image * (2 if cfg.eval.tta else 1) + save)
+                        final_seconds=len(run.splits.test) * per_image * tta_views(cfg.eval.tta) + save)
     return seconds, overhead
 
 
