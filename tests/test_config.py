@@ -69,6 +69,7 @@ def test_experiment_presets_override_groups() -> None:
     assert fast.scheduler.max_lr == fast.optimizer.lr  # interpolation follows the optimizer
     quick = _compose("train", ["experiment=cpu_quick"])
     assert quick.model.name == "airbench" and quick.optimizer.bias_lr_scale == 64
+    assert quick.eval.tta == "translate" and quick.trainer.ema.decay == 0.98
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw", "muon"])
