@@ -229,6 +229,26 @@ def test_resume_a_finished_run_says_so_and_evaluates_again(reference: Path, tmp_
         assert summary[key] == expected[key], key
 
 
+def test_resume_with_other_optimizer_groups_is_one_line_and_changes_nothing(reference: Path,
+                                                                           tmp_path: Path) -> None:
+    """A checkpoint whose optimizer groups its parameters otherwise (an older bias_lr_scale) is refused in one
+    line that names the way on, not a traceback from torch's load_state_dict."""
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    payload = load(run / "checkpoints/last.pt")
+    groups = payload["optimizer"]["param_groups"]
+    groups.append({**groups[0], "params": groups[0]["params"][-1:]})
+    groups[0]["params"] = groups[0]["params"][:-1]
+    torch.save(payload, run / "checkpoints/last.pt")
+    before = {p: p.read_bytes() for p in (run / "metrics.csv", run / "checkpoints/last.pt")}
+
+    result = train(run, f"ckpt={run}", f"trainer.epochs={EPOCHS + 1}")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "its optimizer state does not fit this run's optimizer" in result.stderr
+    assert "model.pretrained=" in result.stderr and "Traceback" not in result.stderr
+    assert all(p.read_bytes() == data for p, data in before.items())
+
+
 def hooked_run(tmp_path: Path, block_step: int, *extra: str) -> tuple[subprocess.Popen, Path, Path]:
     """A fresh run whose training step `block_step` blocks forever in native code; returns when it blocked."""
     run, marker, log = tmp_path / "run", tmp_path / "blocked", tmp_path / "out.log"

@@ -23,7 +23,7 @@ from torch import nn
 from cifar_cam.data.arrays import DataSplits
 from cifar_cam.data.augment import build_train_batches
 from cifar_cam.data.batches import EvalBatches, epoch_image_size, resolve_num_workers
-from cifar_cam.errors import ConfigError
+from cifar_cam.errors import CheckpointError, ConfigError
 from cifar_cam.io import write_csv
 from cifar_cam.models import model_from_config
 from cifar_cam.training import distributed
@@ -265,7 +265,12 @@ def with_plan(run: Run, state: RunState, plan: Plan) -> Run:
 
 def restore(run: Run, state: RunState, resume: dict[str, Any]) -> None:
     """Optimizer, scheduler, scaler, RNG and loop state from the checkpoint; changed hyperparameters applied."""
-    run.optimizer.load_state_dict(resume["optimizer"])
+    try:
+        run.optimizer.load_state_dict(resume["optimizer"])
+    except ValueError as e:  # torch: the saved parameter groups are not this optimizer's
+        raise CheckpointError(f"{resume['path']}: its optimizer state does not fit this run's optimizer ({e}): it "
+                              f"was grouped by another version of cifar-cam; start a new run from its weights with "
+                              f"model.pretrained={resume['path']}") from None
     if run.scheduler is not None and resume.get("scheduler") is not None:
         run.scheduler.load_state_dict(resume["scheduler"])
     if run.scaler is not None and resume.get("scaler") is not None:
