@@ -28,6 +28,8 @@ STRATEGIES = ("auto", "single", "ddp")  # trainer.strategy (training/distributed
 # gradcam.method (explain/cam.py: METHODS, same order)
 CAM_METHODS = ("gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "scorecam")
 CAM_SELECT = ("most_confident", "first", "random", "correct")  # gradcam.select (tasks/gradcam.py)
+# eval.tta (training/engine.py: tta_logits): its forward passes an image, and what a log line of an accuracy adds
+TTA_MODES = {False: (1, ""), True: (2, ", flip TTA"), "translate": (6, ", flip + translate TTA")}
 EVAL_PRECISIONS = ("fp32", "bf16", "fp16")  # eval.precision: every reported accuracy is computed at it
 INTERVALS = ("epoch", "step")  # scheduler.interval: when the training run steps the scheduler
 MUON = "cifar_cam.training.optim.Muon"  # optimizer=muon's _target_ (training/optim.py)

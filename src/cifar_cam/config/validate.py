@@ -46,6 +46,7 @@ from cifar_cam.config.choices import (
     TRACKER_KEYS,
     TRACKER_MODULES,
     TRACKERS,
+    TTA_MODES,
     missing_tracker_message,
 )
 from cifar_cam.config.durations import time_budget_seconds
@@ -164,7 +165,7 @@ def check_aug_sizes(aug: Any) -> None:
 def _validate_eval(c: DictConfig, command: str) -> None:
     """eval.*; eval.calibrate needs a val split to fit on (never the test set)."""
     check(c, "eval.batch_size", int_at_least(1), "an integer >= 1")
-    check(c, "eval.tta", lambda v: v is True or v is False or v == "translate",
+    check(c, "eval.tta", lambda v: isinstance(v, (bool, str)) and v in TTA_MODES,
           "true (the mean over the image and its mirror), false, or translate (also shifted a pixel each way)")
     check(c, "eval.precision", choice(EVAL_PRECISIONS), f"one of {list(EVAL_PRECISIONS)}", optional=True)
     if command != "eval" or OmegaConf.select(c, "eval.calibrate", default=None) is None:

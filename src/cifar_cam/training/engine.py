@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cifar_cam.config.choices import TTA_MODES
 from cifar_cam.errors import DivergenceError
 from cifar_cam.training.device import autocast, input_memory_format
 
@@ -209,12 +210,12 @@ class SplitLogits:
 
 def tta_views(tta: bool | str) -> int:
     """Forward passes an image costs at eval.tta=`tta`: false 1, true (flip) 2, translate 6."""
-    return {False: 1, True: 2, "translate": 6}[tta]
+    return TTA_MODES[tta][0]
 
 
 def tta_suffix(tta: bool | str) -> str:
     """What a log line of an accuracy adds for eval.tta (nothing when off)."""
-    return {False: "", True: ", flip TTA", "translate": ", flip + translate TTA"}[tta]
+    return TTA_MODES[tta][1]
 
 
 def _mirrored(model: nn.Module, images: Tensor) -> Tensor:
